@@ -1,0 +1,28 @@
+"""diffkit: diffusion methods on one solver core, as diffusers pipelines."""
+
+from .denoiser import Denoiser, convert
+from .guidance import CFG, Guidance, make_guidance
+from .hub import DEFAULT_MODEL, load_pipeline
+from .schedule import CLEAN, NoiseSchedule
+from .solvers import SOLVERS, make_timesteps, sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CFG",
+    "CLEAN",
+    "DEFAULT_MODEL",
+    "Denoiser",
+    "Guidance",
+    "NoiseSchedule",
+    "SOLVERS",
+    "convert",
+    "load_pipeline",
+    "make_guidance",
+    "make_timesteps",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_heun",
+]

@@ -1,0 +1,90 @@
+"""NoiseSchedule against diffusers' tables and DPM-Solver's continuous-time definition; conversions."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+
+from diffkit.denoiser import PREDICTION_TYPES, convert
+from diffkit.schedule import CLEAN, NoiseSchedule
+from diffkit.solvers import make_timesteps
+
+
+CONFIGS = [
+    {"beta_schedule": "linear"},
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"beta_schedule": "squaredcos_cap_v2"},
+    {"beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True},
+    {"trained_betas": torch.linspace(1e-4, 3e-2, 500).tolist(), "num_train_timesteps": 500},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_alphas_cumprod_equal_diffusers(config):
+    ours = NoiseSchedule.from_config(config, clamp_zero_snr=False)
+    ref = DDIMScheduler(**config).alphas_cumprod.double()
+    assert torch.allclose(ours.alphas_cumprod, ref, rtol=1e-6, atol=1e-12)
+    t = torch.arange(len(ref), dtype=torch.float64)
+    assert torch.allclose(ours.alpha(t) ** 2, ours.alphas_cumprod, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(ours.sigma(t) ** 2, 1 - ours.alphas_cumprod, rtol=1e-12, atol=1e-15)
+
+
+def test_zero_snr_clamp_follows_diffusers_euler():
+    config = {"beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True}
+    ours = NoiseSchedule.from_config(config)
+    ref = EulerDiscreteScheduler(**config).alphas_cumprod.double()
+    assert ours.alphas_cumprod[-1] == ref[-1] == 2**-24
+    assert torch.allclose(ours.alphas_cumprod, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_continuous_time_interpolates_log_alpha():
+    """Between grid points log(alpha) is linear in t (DPM-Solver's discrete NoiseScheduleVP); t = -1 is clean."""
+    s = NoiseSchedule.from_config({"beta_schedule": "linear"})
+    la = 0.5 * s.alphas_cumprod.log()
+    t = torch.tensor([10.25, 500.5, 998.75], dtype=torch.float64)
+    lo = t.floor().long()
+    expected = la[lo] + (t - lo) * (la[lo + 1] - la[lo])
+    assert torch.allclose(s.log_alpha(t), expected, rtol=0, atol=1e-14)
+    assert s.alpha(CLEAN) == 1 and s.sigma(CLEAN) == 0 and s.lam(CLEAN) == float("inf")
+    lam = s.lam(t)
+    assert torch.allclose(lam, s.log_alpha(t) - 0.5 * torch.log1p(-torch.exp(2 * s.log_alpha(t))))
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        s.alpha(1000.0)
+
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler}
+
+
+@pytest.mark.parametrize("solver", SCHEDULERS)
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [7, 25])
+def test_timestep_spacings_equal_diffusers(solver, spacing, n):
+    if solver == "ddim" and spacing == "linspace":
+        pytest.skip("diffkit's DDIM walks its grid; diffusers' DDIM steps to t - N//n (see test_solvers)")
+    scheduler = SCHEDULERS[solver](timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    scheduler.set_timesteps(n)
+    ref = scheduler.timesteps.double()
+    if solver == "heun":
+        ref = torch.cat([ref[:1], ref[1::2]])  # diffusers repeats every timestep but the first
+    ours = make_timesteps(NoiseSchedule.from_config(scheduler.config), solver, n, scheduler.config)
+    assert torch.allclose(ours[:-1], ref, atol=1e-3) and ours[-1] == CLEAN
+
+
+@pytest.mark.parametrize("source", PREDICTION_TYPES)
+@pytest.mark.parametrize("target", PREDICTION_TYPES)
+def test_conversions_round_trip_and_agree_with_definitions(source, target):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    alpha = 0.6
+    sigma = (1 - alpha**2) ** 0.5
+    x = alpha * x0 + sigma * eps
+    truth = {"sample": x0, "epsilon": eps, "v_prediction": alpha * eps - sigma * x0}
+    assert torch.allclose(convert(truth[source], source, target, x, alpha, sigma), truth[target])
+
+
+def test_bad_schedule_configs():
+    with pytest.raises(ValueError, match="beta_schedule"):
+        NoiseSchedule.from_config({"beta_schedule": "sigmoid"})
+    with pytest.raises(ValueError, match="spacing"):
+        NoiseSchedule.from_config({}).timesteps(10, "uniform")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        NoiseSchedule.from_config({}).timesteps(0)
