@@ -118,6 +118,7 @@ class GuidedPipeline(DiffusionPipeline):
         guidance_scale: float = 3.0,
         guidance: str | Guidance | None = "cfg",
         guidance_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
         solver: str = "dpmpp_2m",
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -139,7 +140,9 @@ class GuidedPipeline(DiffusionPipeline):
             num_inference_steps (`int`, defaults to 25): solver steps.
             guidance_scale (`float`, defaults to 3.0): w in uncond + w (cond - uncond); 1 disables guidance.
             guidance (`str` or `Guidance`, defaults to "cfg"): a registered rule name or an instance; `None` = none.
-            guidance_kwargs (`dict`, *optional*): extra arguments for the named guidance rule.
+            guidance_kwargs (`dict`, *optional*): extra arguments for the named rule, e.g. APG's `eta`,
+                `norm_threshold`, `momentum`, or a guidance interval `sigma_range=(lo, hi)` / `step_range`.
+            guidance_rescale (`float`, defaults to 0): CFG-rescale's phi (Lin et al. 2024), around any rule.
             solver (`str`, defaults to "dpmpp_2m"): "ddim", "dpmpp_2m", "euler" or "heun".
             eta (`float`, defaults to 0): DDIM's stochasticity (solver "ddim" only).
             generator (`torch.Generator`, *optional*): seeds the initial noise (and DDIM's noise when eta > 0).
@@ -160,7 +163,7 @@ class GuidedPipeline(DiffusionPipeline):
                 prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, device
             )
             batch = len(cond["encoder_hidden_states"])
-        rule = make_guidance(guidance, guidance_scale, **(guidance_kwargs or {}))
+        rule = make_guidance(guidance, guidance_scale, guidance_rescale, **(guidance_kwargs or {}))
         if rule is None:
             uncond = None
 

@@ -1,0 +1,128 @@
+"""Guidance rules against diffusers' guiders and closed-form identities."""
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+from diffkit.denoiser import StepState, convert
+from diffkit.guidance import APG, CFG, Rescaled, make_guidance
+from diffkit.pipelines import GuidedPipeline
+from diffkit.schedule import NoiseSchedule
+from diffkit.solvers import SOLVERS, make_timesteps
+from helpers import tiny_unet
+
+
+def _state(step=0, alpha=0.6, shape=(3, 3, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    return StepState(step, 10, torch.tensor(500.0), alpha, (1 - alpha**2) ** 0.5, x)
+
+
+def _preds(state, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(state.x.shape, generator=g), torch.randn(state.x.shape, generator=g)
+
+
+@pytest.mark.parametrize("space", ["x0", "eps", "v"])
+def test_apg_with_eta_one_and_no_clamp_or_momentum_is_cfg(space):
+    state = _state()
+    cond, uncond = _preds(state)
+    apg = APG(7.0, eta=1.0, norm_threshold=0.0, momentum=0.0, space=space)
+    assert torch.allclose(apg(cond, uncond, state), CFG(7.0)(cond, uncond, state), atol=1e-5)
+
+
+def test_apg_in_eps_space_equals_diffusers_normalized_guidance_with_momentum():
+    """diffkit's APG(w) in eps space == diffusers' normalized_guidance(s = w - 1, use_original_formulation=True),
+    over several steps of a run, momentum buffer included."""
+    w, eta, r, beta = 8.0, 0.3, 2.5, -0.5
+    apg = APG(w, eta=eta, norm_threshold=r, momentum=beta, space="eps")
+    apg.reset()
+    buffer = MomentumBuffer(beta)
+    for step in range(4):
+        state = _state(step, alpha=0.9 - 0.2 * step, seed=step)
+        eps_c, eps_u = _preds(state, seed=10 + step)
+        to_x0 = lambda e: convert(e, "epsilon", "sample", state.x, state.alpha, state.sigma)  # noqa: E731
+        ours = convert(apg(to_x0(eps_c), to_x0(eps_u), state), "sample", "epsilon", state.x, state.alpha, state.sigma)
+        ref = normalized_guidance(eps_c, eps_u, w - 1, buffer, eta, r, use_original_formulation=True)
+        assert torch.allclose(ours, ref, atol=1e-4), step
+
+
+def test_apg_projection_removes_the_parallel_part_and_clamps_the_norm():
+    state = _state()
+    cond, uncond = _preds(state)
+    w, r = 5.0, 0.5
+    update = (APG(w, eta=0.0, norm_threshold=r, space="x0")(cond, uncond, state) - cond) / (w - 1)
+    per_sample = lambda t: t.flatten(1)  # noqa: E731
+    assert torch.allclose((per_sample(update) * per_sample(cond)).sum(1), torch.zeros(3), atol=1e-5)  # orthogonal to D_cond
+    assert torch.all(per_sample(update).norm(dim=1) <= r + 1e-5)  # the clamp bounds the update before projecting
+
+
+def test_momentum_buffer_resets_each_run():
+    scheduler = DPMSolverMultistepScheduler(prediction_type="v_prediction")
+    pipe = GuidedPipeline(tiny_unet(num_class_embeds=5), scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    apg = APG(6.0, momentum=-0.5, norm_threshold=1.0)
+    run = lambda: pipe(class_labels=[1, 2], num_inference_steps=5, guidance=apg, latents=torch.ones(2, 3, 8, 8), output_type="pt").images  # noqa: E731
+    assert torch.equal(run(), run())
+
+
+def test_cfg_rescale_equals_diffusers_rescale_noise_cfg():
+    state = _state()
+    eps_c, eps_u = _preds(state)
+    to_x0 = lambda e: convert(e, "epsilon", "sample", state.x, state.alpha, state.sigma)  # noqa: E731
+    ours = Rescaled(CFG(5.0), phi=0.7)(to_x0(eps_c), to_x0(eps_u), state)
+    ref = rescale_noise_cfg(eps_u + 5.0 * (eps_c - eps_u), eps_c, guidance_rescale=0.7)
+    assert torch.allclose(convert(ours, "sample", "epsilon", state.x, state.alpha, state.sigma), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_pipeline_apg_reduces_to_cfg_for_every_solver(solver):
+    pipe = GuidedPipeline(tiny_unet(num_class_embeds=5), DPMSolverMultistepScheduler(prediction_type="v_prediction"))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(class_labels=[0, 3], num_inference_steps=4, guidance_scale=4.0, solver=solver, output_type="latent")
+    cfg = pipe(**kw, latents=torch.ones(2, 3, 8, 8)).images
+    apg = pipe(**kw, latents=torch.ones(2, 3, 8, 8), guidance="apg", guidance_kwargs={"eta": 1.0}).images
+    default_apg = pipe(**kw, latents=torch.ones(2, 3, 8, 8), guidance="apg", guidance_kwargs={"norm_threshold": 0.1}).images
+    scale = cfg.abs().max().item()
+    assert (cfg - apg).abs().max() <= 1e-5 * scale and (cfg - default_apg).abs().max() > 1e-2 * scale
+
+
+def test_guidance_interval_skips_the_unconditional_pass_outside():
+    pipe = GuidedPipeline(tiny_unet(num_class_embeds=5), DPMSolverMultistepScheduler(prediction_type="v_prediction"))
+    pipe.set_progress_bar_config(disable=True)
+    batches = []
+    pipe.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    kw = dict(class_labels=[0, 3], num_inference_steps=6, guidance_scale=4.0, latents=torch.ones(2, 3, 8, 8), output_type="pt")
+    pipe(**kw, guidance_kwargs={"step_range": (2, 4)})
+    assert batches == [2, 2, 4, 4, 2, 2]
+    batches.clear()
+    # sigma = sigma_t / alpha_t at each step's timestep; guide only where it lies in the range
+    schedule = NoiseSchedule.from_config(pipe.scheduler.config)
+    t = make_timesteps(schedule, "dpmpp_2m", 6, pipe.scheduler.config)[:-1]
+    sigmas = (schedule.sigma(t) / schedule.alpha(t)).tolist()
+    lo, hi = sigmas[4], sigmas[1]
+    pipe(**kw, guidance_kwargs={"sigma_range": (lo, hi)})
+    assert batches == [4 if lo <= s <= hi else 2 for s in sigmas] == [2, 4, 4, 4, 4, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"eta": 1.5}, "eta must lie"),
+        ({"eta": -0.1}, "eta must lie"),
+        ({"norm_threshold": -1.0}, "norm_threshold"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"step_range": (3, 1)}, "step_range"),
+        ({"sigma_range": (-1.0, 2.0)}, "sigma_range"),
+    ],
+)
+def test_invalid_apg_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_guidance("apg", 5.0, **kwargs)
+
+
+def test_invalid_rescale():
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        make_guidance("cfg", 5.0, guidance_rescale=1.5)
