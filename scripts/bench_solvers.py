@@ -20,6 +20,7 @@ import diffkit
 from diffkit import metrics
 from diffkit.data import colored_digits
 from diffkit.guidance import CFG
+from diffkit.images import save_figure_atomic, write_text_atomic
 from diffkit.solvers import SOLVERS
 
 
@@ -114,7 +115,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    write_atomic(out / f"bench_solvers{suffix}.md", table)
+    write_text_atomic(out / f"bench_solvers{suffix}.md", table)
     plot(rows, out / f"bench_solvers{suffix}.png")
 
 
@@ -135,12 +136,6 @@ def format_table(rows, n_images) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -159,9 +154,7 @@ def plot(rows, path: Path) -> None:
     axes[1].set(xlabel="steps", ylabel="ms per image", title="time")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
 
 
 if __name__ == "__main__":
