@@ -71,7 +71,8 @@ class Denoiser:
     """``Denoiser(unet, schedule, prediction_type)(x, t, cond)`` runs the network; ``x0``/``eps``/``v`` convert.
 
     ``cond`` is a dict of keyword arguments for the network: ``class_labels`` for a class-conditional
-    UNet2DModel; ``encoder_hidden_states`` (and ``down_block_additional_residuals`` /
+    UNet2DModel (plus optionally ``class_embeds``, continuous embeddings that replace the label lookup);
+    ``encoder_hidden_states`` (and ``down_block_additional_residuals`` /
     ``mid_block_additional_residual`` / ``down_intrablock_additional_residuals`` for ControlNet and
     T2I-Adapter residuals) for a UNet2DConditionModel. A ``controlnet`` module, if given, is run every step
     on ``cond["controlnet_cond"]`` and its residuals are added.
@@ -104,7 +105,15 @@ class Denoiser:
             cond["mid_block_additional_residual"] = mid
         cond.pop("controlnet_cond", None)
         cond.pop("conditioning_scale", None)
-        return self.model(x, t_in, **cond, return_dict=False)[0]
+        class_embeds = cond.pop("class_embeds", None)
+        if class_embeds is None:
+            return self.model(x, t_in, **cond, return_dict=False)[0]
+        # A continuous class embedding (e.g. one being optimised) replaces the lookup of the labels.
+        hook = self.model.class_embedding.register_forward_hook(lambda module, args, out: class_embeds.to(out.dtype))
+        try:
+            return self.model(x, t_in, **cond, return_dict=False)[0]
+        finally:
+            hook.remove()
 
     def predict(self, x, t, cond=None, target: str = "sample") -> torch.Tensor:
         """The network's prediction converted to ``target`` ("sample" = x0, "epsilon", "v_prediction")."""

@@ -4,7 +4,8 @@ Tests the APG paper's claim (Sadat et al., ICLR 2025): at high scales APG keeps 
 low-scale values while CFG's degrade, at comparable class accuracy, and at no extra model evaluations.
 Every cell samples the same balanced classes from the same noise with DPM-Solver++(2M), 25 steps, and
 reports FD to the 500 held-out digits, class accuracy, mean HSV saturation, clipped-pixel fraction (on the
-raw output, before clamping), precision / recall (k-NN, k = 3) and time per image. Writes
+raw output, before clamping), precision / recall (k-NN, k = 3), network evaluations and time per image (one
+run per cell; the CFG / APG time comparison is measured apart, best of 5 interleaved repeats). Writes
 assets/bench_guidance.md, assets/bench_guidance.png and sample grids CFG vs APG at w = 12.
 
     python scripts/bench_guidance.py            # 200 images per cell, ~10 minutes on 2 CPU cores
@@ -24,10 +25,11 @@ from diffkit.images import image_grid, save_figure_atomic, save_png_atomic, to_p
 
 
 SCALES = [1, 2, 4, 6, 8, 12, 16]
-# APG settings for this model, chosen before the run and kept for all scales: eta = 0 and reverse momentum
-# beta = -0.5 as the paper recommends; r bounds ||D_cond - D_uncond|| per image in x0 units. Our images are
-# 3x16x16 in [-1, 1] (a whole digit's ink is ||x|| ~ 10); r = 4 limits one guidance step to a fraction of it.
-APG_KWARGS = {"eta": 0.0, "norm_threshold": 4.0, "momentum": -0.5}
+# APG settings for this model, fixed before the benchmark and kept for all scales: eta = 0 and reverse momentum
+# beta = -0.5 as the paper recommends for SDXL; r bounds ||D_cond - D_uncond|| per image in x0 units. On this
+# model that norm falls from ~2.4 at the first of 25 steps to ~0.06 at the last (median over the run ~0.7-1.1),
+# so r = 1 clamps the large early updates and leaves the late ones alone, as the paper's r does at its scale.
+APG_KWARGS = {"eta": 0.0, "norm_threshold": 1.0, "momentum": -0.5}
 RESCALE_PHI = 0.7
 METHODS = {
     "CFG": dict(guidance="cfg"),
@@ -37,16 +39,31 @@ METHODS = {
 
 
 def sample(pipe, labels, noise, scale, method, batch_size):
+    """Images, seconds per image and network evaluations per image (a batched cond+uncond pass counts 2)."""
+    evals = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, out: evals.append(args[0].shape[0]))
     images, seconds = [], 0.0
-    for i in range(0, len(labels), batch_size):
-        start = time.perf_counter()
-        out = pipe(
-            class_labels=labels[i : i + batch_size], latents=noise[i : i + batch_size], guidance_scale=float(scale),
-            num_inference_steps=25, output_type="latent", **METHODS[method],
-        ).images
-        seconds += time.perf_counter() - start
-        images.append(out)
-    return torch.cat(images), seconds / len(labels)
+    try:
+        for i in range(0, len(labels), batch_size):
+            start = time.perf_counter()
+            out = pipe(
+                class_labels=labels[i : i + batch_size], latents=noise[i : i + batch_size], guidance_scale=float(scale),
+                num_inference_steps=25, output_type="latent", **METHODS[method],
+            ).images
+            seconds += time.perf_counter() - start
+            images.append(out)
+    finally:
+        hook.remove()
+    return torch.cat(images), seconds / len(labels), sum(evals) / len(labels)
+
+
+def best_times(pipe, labels, noise, scale, batch_size, repeats):
+    """Best-of-``repeats`` seconds per image for each method, interleaved so drift favours none."""
+    best = {m: float("inf") for m in METHODS}
+    for r in range(repeats):
+        for method in METHODS if r % 2 == 0 else list(METHODS)[::-1]:
+            best[method] = min(best[method], sample(pipe, labels, noise, scale, method, batch_size)[1])
+    return best
 
 
 def main():
@@ -73,7 +90,7 @@ def main():
             for method in METHODS:
                 if scale == 1 and method != "CFG":
                     continue  # w = 1 is the conditional model alone for every method
-                raw, sec = sample(pipe, labels, noise, scale, method, args.batch_size)
+                raw, sec, evals = sample(pipe, labels, noise, scale, method, args.batch_size)
                 images = raw.clamp(-1, 1)
                 feats = metrics.classifier_features(images)
                 precision, recall = metrics.precision_recall(real_feats, feats, k=3)
@@ -83,16 +100,22 @@ def main():
                     "accuracy": metrics.class_accuracy(images, torch.tensor(labels)),
                     "saturation": metrics.saturation(images),
                     "clipped": metrics.clipped_fraction(raw),
-                    "precision": precision, "recall": recall, "ms/img": 1000 * sec,
+                    "precision": precision, "recall": recall, "ms/img": 1000 * sec, "evals/img": evals,
                 })
                 if scale == 12 and method in ("CFG", "APG"):
                     grids[method] = images[:40]
                 print(f"w={scale} {method}: FD {rows[-1]['FD']:.2f}", flush=True)
 
+        # the time claim, measured apart: best of interleaved repeats at w = 12
+        times = best_times(pipe, labels[:100], noise[:100], 12, args.batch_size, 2 if args.quick else 5)
+
     real_row = {"method": "held-out data", "w": "-", "FD": 0.0, "accuracy": metrics.class_accuracy(real, colored_digits("test")[1]),
                 "saturation": metrics.saturation(real), "clipped": metrics.clipped_fraction(real),
-                "precision": float("nan"), "recall": float("nan"), "ms/img": float("nan")}
+                "precision": float("nan"), "recall": float("nan"), "ms/img": float("nan"), "evals/img": float("nan")}
     table = format_table([real_row] + rows, n_images)
+    table += "\nTime per image at w = 12, best of interleaved repeats on 100 images: " + ", ".join(
+        f"{m} {1000 * t:.1f} ms" for m, t in times.items()
+    ) + f" (APG / CFG = {times['APG'] / times['CFG']:.3f}).\n"
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,9 +127,9 @@ def main():
 
 
 def format_table(rows, n_images) -> str:
-    cols = ["method", "w", "FD", "accuracy", "saturation", "clipped", "precision", "recall", "ms/img"]
+    cols = ["method", "w", "FD", "accuracy", "saturation", "clipped", "precision", "recall", "evals/img", "ms/img"]
     fmt = {"accuracy": "{:.1%}", "clipped": "{:.2%}", "saturation": "{:.3f}", "precision": "{:.2f}", "recall": "{:.2f}",
-           "FD": "{:.2f}", "ms/img": "{:.1f}"}
+           "FD": "{:.2f}", "ms/img": "{:.1f}", "evals/img": "{:.0f}"}
     lines = [
         f"Default model, DPM-Solver++(2M) 25 steps, {n_images} images per cell; APG {APG_KWARGS}; "
         f"CFG-rescale phi = {RESCALE_PHI}. FD/precision/recall against 500 held-out digits (classifier features).",

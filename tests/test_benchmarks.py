@@ -26,14 +26,20 @@ def test_bench_solvers_quick(tmp_path):
     stdout = _run("bench_solvers.py", tmp_path)
     rows = _table_rows(stdout)
     assert len(rows) == 4  # four solvers at 10 steps
-    # the two loops sample the same thing on the real model: last column is max |diffkit - diffusers|
-    assert all(float(r.strip("| ").split("|")[-1]) < 1e-3 for r in rows)
+    # The two loops sample the same thing on the real model (last column: max |diffkit - diffusers|). Euler and
+    # Heun are left out: they run in VE coordinates, where this model's first sigma is 2e4 and float32 rounding
+    # in either loop is amplified (see tests/test_solvers.py for their exact equivalence at sane scales).
+    diffs = {r.strip("| ").split("|")[0].strip(): float(r.strip("| ").split("|")[-1]) for r in rows}
+    assert diffs["ddim"] < 1e-4 and diffs["dpmpp_2m"] < 1e-4, diffs
     assert (tmp_path / "bench_solvers_quick.md").read_text().strip().endswith(rows[-1].strip())
     assert (tmp_path / "bench_solvers_quick.png").stat().st_size > 0
 
 
 def test_bench_guidance_quick(tmp_path):
     stdout = _run("bench_guidance.py", tmp_path)
-    assert len(_table_rows(stdout)) == 1 + 1 + 2 * 3  # data, w = 1, then 3 methods at w = 4 and 12
+    rows = _table_rows(stdout)
+    assert len(rows) == 1 + 1 + 2 * 3  # data, w = 1, then 3 methods at w = 4 and 12
+    evals = {r.split("|")[1].strip() + r.split("|")[2].strip(): float(r.split("|")[-3]) for r in rows[1:]}
+    assert evals["none1"] == 25 and evals["CFG12"] == evals["APG12"] == 50  # APG adds no network evaluations
     for name in ("bench_guidance_quick.md", "bench_guidance_quick.png", "guidance_cfg_w12_quick.png", "guidance_apg_w12_quick.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -11,7 +11,7 @@ from diffkit.guidance import APG, CFG, Rescaled, make_guidance
 from diffkit.pipelines import GuidedPipeline
 from diffkit.schedule import NoiseSchedule
 from diffkit.solvers import SOLVERS, make_timesteps
-from helpers import tiny_unet
+from helpers import tiny_text_components, tiny_unet
 
 
 def _state(step=0, alpha=0.6, shape=(3, 3, 8, 8), seed=0):
@@ -126,3 +126,16 @@ def test_invalid_apg_parameters(kwargs, match):
 def test_invalid_rescale():
     with pytest.raises(ValueError, match="guidance_rescale"):
         make_guidance("cfg", 5.0, guidance_rescale=1.5)
+
+
+def test_text_pipeline_apg_reduces_to_cfg_and_differs_otherwise():
+    components = tiny_text_components()
+    pipe = GuidedPipeline(**components, scheduler=DPMSolverMultistepScheduler(beta_schedule="scaled_linear"))
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(prompt="a red digit", num_inference_steps=4, guidance_scale=6.0, output_type="latent")
+    cfg = pipe(**kw, latents=latents).images
+    apg_as_cfg = pipe(**kw, latents=latents, guidance="apg", guidance_kwargs={"eta": 1.0}).images
+    apg = pipe(**kw, latents=latents, guidance="apg", guidance_kwargs={"momentum": -0.5, "norm_threshold": 1.0}).images
+    scale = cfg.abs().max().item()
+    assert (cfg - apg_as_cfg).abs().max() <= 1e-5 * scale and (cfg - apg).abs().max() > 1e-2 * scale
