@@ -42,6 +42,7 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         return self.feature(self.body(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits, (N, num_classes)."""
         return self.head(self.features(x))
 
 

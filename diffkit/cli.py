@@ -6,6 +6,7 @@ Under ``accelerate launch`` the images are split across processes.
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -28,9 +29,12 @@ class UsageError(ValueError):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -83,19 +87,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _image_jobs(args, num_classes: int | None) -> list[dict]:
-    """One job per image: its seed, its label or prompt, its file name."""
+def _check_args(args) -> None:
+    """What can be refused before loading a model; flags that would be silently ignored count as errors."""
+    if args.label is None and args.prompt is None:
+        raise UsageError("give --label (class-conditional model) or --prompt (text model)")
+    if args.negative_prompt is not None and args.prompt is None:
+        raise UsageError("--negative-prompt needs --prompt")
+    if args.eta != 0.0 and args.solver != "ddim":
+        raise UsageError("--eta needs --solver ddim")
+    if args.guidance != "none":
+        make_guidance(args.guidance, args.guidance_scale, args.guidance_rescale, **_guidance_kwargs(args))
+
+
+def _device(requested: str, state) -> torch.device:
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"--device {requested!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    backend = getattr(torch, device.type, None)
+    if hasattr(backend, "is_available") and not backend.is_available():
+        raise UsageError(f"--device {requested}: no {device.type} device is available")
+    # under accelerate launch each process owns one accelerator; a bare "cuda" would put them all on cuda:0
+    if state.num_processes > 1 and device.index is None and device.type == state.device.type:
+        return state.device
+    return device
+
+
+def _check_model(pipe, args) -> None:
+    """Refuse what the model cannot do before any file is written."""
+    from .pipelines import GuidedPipeline
+
+    if not isinstance(pipe, GuidedPipeline):
+        raise UsageError(f"diffkit generate needs a GuidedPipeline model, got {type(pipe).__name__}")
+    if args.prompt is not None and pipe.text_encoder is None:
+        raise UsageError("this model is class-conditional: use --label, not --prompt")
+    if args.label is not None and pipe.num_classes is None:
+        raise UsageError("this model is text-conditional: use --prompt, not --label")
+    # every down block of the UNet (and the VAE) halves the size
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value % multiple:
+            raise UsageError(f"--{name} must be a multiple of {multiple} for this model, got {value}")
+
+
+def _image_jobs(args, num_classes: int) -> list[dict]:
+    """One job per image: its seed, its label or prompt index, its file name."""
     jobs = []
     for i in range(args.num_images):
         seed = args.seed + i
         if args.label is not None:
             label = args.label[i % len(args.label)]
-            if num_classes is None or not 0 <= label < num_classes:
-                allowed = f"0..{num_classes - 1}" if num_classes else "none: this model takes --prompt"
-                raise UsageError(f"--label {label} is out of range (allowed: {allowed})")
+            if not 0 <= label < num_classes:
+                raise UsageError(f"--label {label} is out of range for this model (0..{num_classes - 1})")
             jobs.append({"seed": seed, "label": label, "file": f"label{label}-seed{seed:06d}.png"})
-        else:
-            jobs.append({"seed": seed, "prompt": args.prompt, "file": f"prompt-seed{seed:06d}.png"})
+        else:  # --prompt takes one prompt: index 0
+            jobs.append({"seed": seed, "prompt_index": 0, "file": f"prompt0-seed{seed:06d}.png"})
     return jobs
 
 
@@ -109,14 +156,30 @@ def _guidance_kwargs(args) -> dict:
 
 def _png_text(args, job, image) -> dict:
     """A1111-style 'parameters' (what image sites parse) plus diffkit's full JSON."""
-    what = f"Label: {job['label']}" if "label" in job else f"Prompt: {job['prompt']}"
     parameters = (
         f"Steps: {args.steps}, Sampler: {args.solver}, Guidance: {args.guidance}, CFG scale: {args.guidance_scale}, "
-        f"Seed: {job['seed']}, Size: {image.width}x{image.height}, Model: {args.model or 'diffkit-default'}, {what}"
+        f"Seed: {job['seed']}, Size: {image.width}x{image.height}, Model: {args.model or 'diffkit-default'}"
     )
+    if "label" in job:
+        parameters += f", Label: {job['label']}"
+    else:  # A1111 puts the prompts on their own lines before the settings, so commas in them parse
+        negative = f"\nNegative prompt: {args.negative_prompt}" if args.negative_prompt else ""
+        parameters = f"{args.prompt}{negative}\n{parameters}"
     record = {k: v for k, v in vars(args).items() if k not in ("command", "overwrite", "no_progress")}
+    # the run's --label list and first seed stay; "label" and "seed" are this image's
+    record["labels"], record["first_seed"] = record.pop("label"), record.pop("seed")
     record.update(job, versions=_versions())
     return {"parameters": parameters, "diffkit": json.dumps(record)}
+
+
+def _read_images(paths: list[Path]) -> list:
+    import PIL.Image
+
+    images = []
+    for path in paths:
+        with PIL.Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
 
 
 def _versions() -> dict:
@@ -125,62 +188,77 @@ def _versions() -> dict:
     return {"diffkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
+def _sample(pipe, args, batch: list[dict]) -> list:
+    if "label" in batch[0]:
+        condition = {"class_labels": [job["label"] for job in batch]}
+    else:
+        condition = {"prompt": [args.prompt] * len(batch), "negative_prompt": args.negative_prompt}
+    return pipe(
+        **condition,
+        num_inference_steps=args.steps,
+        guidance=None if args.guidance == "none" else args.guidance,
+        guidance_scale=args.guidance_scale,
+        guidance_kwargs=_guidance_kwargs(args),
+        guidance_rescale=args.guidance_rescale,
+        solver=args.solver,
+        eta=args.eta,
+        height=args.height,
+        width=args.width,
+        # one CPU generator per image: its noise depends on its seed alone, not on the batch or the device
+        generator=[torch.Generator().manual_seed(job["seed"]) for job in batch],
+        output_type="pil",
+    ).images
+
+
+def _refuse_existing(out: Path, jobs: list[dict], overwrite: bool) -> None:
+    targets = [out / job["file"] for job in jobs] + [out / "grid.png"]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} exists ({len(existing)} files would be replaced); pass --overwrite")
+
+
+def _quiet_libraries() -> None:
+    """One progress bar (ours) and one-line errors: the libraries' loading bars and their warnings before
+    re-raising (diffusers logs "An error occurred while trying to fetch ...") would add lines."""
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if "DIFFUSERS_VERBOSITY" not in os.environ:  # the user's explicit choice wins
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # errors it logs are raised too
+
+
 def generate(args) -> None:
     from accelerate import PartialState
 
     from .hub import load_pipeline
 
     state = PartialState()
-    out = Path(args.out)
-    if args.label is None and args.prompt is None:
-        raise UsageError("give --label (class-conditional model) or --prompt (text model)")
-    guidance_kwargs = _guidance_kwargs(args)
-    if args.guidance != "none":  # validate before loading anything
-        make_guidance(args.guidance, args.guidance_scale, args.guidance_rescale, **guidance_kwargs)
-    diffusers_logging.disable_progress_bar()  # one bar (ours) and one-line errors
-    pipe = load_pipeline(args.model, revision=args.revision, dtype=DTYPES[args.dtype]).to(args.device)
+    _check_args(args)
+    device = _device(args.device, state)
+    _quiet_libraries()
+    pipe = load_pipeline(args.model, revision=args.revision, dtype=DTYPES[args.dtype])
+    _check_model(pipe, args)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     jobs = _image_jobs(args, pipe.num_classes)
-    targets = [out / job["file"] for job in jobs] + [out / "grid.png"]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not args.overwrite:
-        raise UsageError(f"{existing[0]} exists ({len(existing)} files would be replaced); pass --overwrite")
+    out = Path(args.out)
+    _refuse_existing(out, jobs, args.overwrite)
+    # no process writes before all have checked, or a slow one would find the others' new files and fail alone
+    state.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
 
     with state.split_between_processes(jobs) as my_jobs:
         bar = tqdm(total=len(my_jobs), desc="images", disable=args.no_progress or not state.is_main_process)
         for start in range(0, len(my_jobs), args.batch_size):
             batch = my_jobs[start : start + args.batch_size]
-            condition = (
-                {"class_labels": [j["label"] for j in batch]}
-                if "label" in batch[0]
-                else {"prompt": [j["prompt"] for j in batch], "negative_prompt": args.negative_prompt}
-            )
-            images = pipe(
-                **condition,
-                num_inference_steps=args.steps,
-                guidance=None if args.guidance == "none" else args.guidance,
-                guidance_scale=args.guidance_scale,
-                guidance_kwargs=guidance_kwargs,
-                guidance_rescale=args.guidance_rescale,
-                solver=args.solver,
-                eta=args.eta,
-                height=args.height,
-                width=args.width,
-                # CPU generators: the same seed gives the same image on every device
-                generator=[torch.Generator().manual_seed(j["seed"]) for j in batch],
-                output_type="pil",
-            ).images
-            for job, image in zip(batch, images):
+            for job, image in zip(batch, _sample(pipe, args, batch)):
                 save_png_atomic(image, out / job["file"], _png_text(args, job, image))
             bar.update(len(batch))
         bar.close()
     state.wait_for_everyone()
-    if state.is_main_process:
-        import PIL.Image
-
-        tiles = [PIL.Image.open(out / job["file"]) for job in jobs]
-        save_png_atomic(image_grid(tiles), out / "grid.png")
+    if state.is_main_process:  # the other processes' images exist only on disk
+        save_png_atomic(image_grid(_read_images([out / job["file"] for job in jobs])), out / "grid.png")
         print(f"wrote {len(jobs)} images and grid.png to {out}")
 
 
@@ -188,10 +266,12 @@ def env() -> None:
     import accelerate
     import transformers
 
-    for name, version in {**_versions(), "transformers": transformers.__version__, "accelerate": accelerate.__version__}.items():
+    versions = {**_versions(), "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+    for name, version in versions.items():
         print(f"{name}: {version}")
     print(f"python: {platform.python_version()}")
     print(f"cuda: {torch.cuda.is_available()} ({torch.cuda.device_count()} devices)")
+    print(f"mps: {torch.backends.mps.is_available()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             env()
         else:
             generate(args)
-    except (ValueError, TypeError, OSError, RuntimeError, SafetensorError, json.JSONDecodeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError, SafetensorError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -25,9 +25,9 @@ def _check(images: torch.Tensor, name: str = "images") -> torch.Tensor:
 
 @torch.no_grad()
 def classifier_features(images: torch.Tensor, classifier=None, batch_size: int = 500) -> torch.Tensor:
-    """Penultimate digits-classifier features, (N, D); images are resized to 16x16 if needed."""
+    """Penultimate digits-classifier features, (N, D), of images clamped to [-1, 1] and resized to 16x16."""
     images = _check(images)
-    classifier = classifier or load_classifier()
+    classifier = load_classifier(device=str(images.device)) if classifier is None else classifier
     if images.shape[-1] != 16 or images.shape[-2] != 16:
         images = F.interpolate(images, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
     return torch.cat([classifier.features(b.clamp(-1, 1)) for b in images.split(batch_size)])
@@ -59,7 +59,7 @@ def fd(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier=None) -> float:
     """Fraction of images the digits classifier assigns to the requested ``labels``."""
     images = _check(images).clamp(-1, 1)
-    classifier = classifier or load_classifier()
+    classifier = load_classifier(device=str(images.device)) if classifier is None else classifier
     predicted = torch.cat([classifier(b) for b in images.split(500)]).argmax(1)
     return (predicted == torch.as_tensor(labels).to(predicted.device)).float().mean().item()
 
@@ -71,10 +71,11 @@ def saturation(images: torch.Tensor) -> float:
     return torch.where(hi > 0, (hi - lo) / hi.clamp(min=1e-12), torch.zeros_like(hi)).mean().item()
 
 
-def clipped_fraction(images: torch.Tensor) -> float:
-    """Fraction of channel values that 8-bit export clips: <= -1 + 1/255 or >= 1 - 1/255 before clamping."""
+def clipped_fraction(images: torch.Tensor, threshold: float = 1 / 255) -> float:
+    """Fraction of raw (unclamped) channel values <= -1 + threshold or >= 1 - threshold: pinned at the range ends."""
     images = _check(images)
-    return ((images <= -1 + 1 / 255) | (images >= 1 - 1 / 255)).float().mean().item()
+    # the default, half an 8-bit step (2 / 255 / 2), counts the values to_pil rounds to 0 or 255 (ties aside)
+    return ((images <= -1 + threshold) | (images >= 1 - threshold)).float().mean().item()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -91,14 +92,15 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004): 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, computed
-    per channel over the valid window positions and averaged. Images must be at least 11x11."""
+    """Per-image SSIM (Wang et al. 2004): 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, per channel,
+    averaged over the window positions inside the image (as scikit-image does). Images must be at least 11x11."""
     a, b = _check(a, "a").double(), _check(b, "b").double()  # E[x^2] - E[x]^2 cancels badly in float32
     if a.shape != b.shape or min(a.shape[-2:]) < 11:
-        raise ValueError(f"ssim needs two equal-shape images of at least 11x11, got {tuple(a.shape)} and {tuple(b.shape)}")
+        shapes = f"{tuple(a.shape)} and {tuple(b.shape)}"
+        raise ValueError(f"ssim needs two equal-shape images of at least 11x11, got {shapes}")
     c = a.shape[1]
     window = _gaussian_window().to(a.device, a.dtype).expand(c, 1, 11, 11)
-    filt = lambda x: F.conv2d(x, window, groups=c)  # noqa: E731
+    filt = lambda x: F.conv2d(x, window, groups=c)
     mu_a, mu_b = filt(a), filt(b)
     var_a, var_b = filt(a * a) - mu_a**2, filt(b * b) - mu_b**2
     cov = filt(a * b) - mu_a * mu_b

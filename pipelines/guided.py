@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from transformers import CLIPTextModel, CLIPTokenizer
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -42,7 +43,14 @@ class GuidedPipeline(DiffusionPipeline):
     _optional_components = ["text_encoder", "tokenizer", "vae"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, vae=None):
+    def __init__(
+        self,
+        unet: UNet2DModel | UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        text_encoder: CLIPTextModel | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        vae: AutoencoderKL | None = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
 

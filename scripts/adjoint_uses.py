@@ -46,7 +46,7 @@ def run(use: str, pipe: AdjointDPMPipeline, iterations: int, steps: int, backend
         labels = [7] * 8
         embeds = pipe.unet.class_embedding(torch.tensor(labels)).detach().clone().requires_grad_(True)
         call = {**base, "class_labels": labels, "class_embeds": embeds, "latents": torch.randn(8, 3, 16, 16, generator=g)}
-        variables, lr = [embeds], 0.05
+        variables, lr = [embeds], 0.02
         loss_fn = lambda images: -redness(images).mean()  # noqa: E731
     elif use == "finetune":
         labels = list(range(8))
@@ -61,7 +61,7 @@ def run(use: str, pipe: AdjointDPMPipeline, iterations: int, steps: int, backend
             original = pipe(**base, class_labels=labels, latents=x_T).images
         latents = x_T.clone().requires_grad_(True)
         call = {**base, "class_labels": labels, "latents": latents}
-        variables, lr = [latents], 0.05
+        variables, lr = [latents], 0.01
         target = torch.tensor(labels)
 
         def loss_fn(images):  # push the true class down, stay close to the original image

@@ -12,7 +12,7 @@ from diffkit.data import colored_digits
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():
-    """With diagonal covariances, tr((S_a S_b)^1/2) = sum sqrt(s_a s_b): FD = |mu_a - mu_b|^2 + sum (sqrt s_a - sqrt s_b)^2."""
+    """Diagonal S: tr((S_a S_b)^1/2) = sum sqrt(s_a s_b), so FD = |mu_a - mu_b|^2 + sum (sqrt s_a - sqrt s_b)^2."""
     g = torch.Generator().manual_seed(0)
     n, d = 200_000, 4
     mu_a, mu_b = torch.tensor([0.0, 1.0, -2.0, 0.5]), torch.tensor([1.0, 1.0, 0.0, 0.0])
@@ -28,10 +28,14 @@ def test_frechet_distance_closed_form_for_diagonal_gaussians():
 def test_frechet_distance_matches_scipy_sqrtm_on_full_covariances():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
-    b = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 0.3
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    a, b = randn(500, 6) @ randn(6, 6), randn(400, 6) @ randn(6, 6) + 0.3
     ca, cb = torch.cov(a.T).numpy(), torch.cov(b.T).numpy()
-    ref = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + ca.trace() + cb.trace() - 2 * scipy_linalg.sqrtm(ca @ cb).real.trace()
+    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum().item()
+    ref = mean_term + ca.trace() + cb.trace() - 2 * scipy_linalg.sqrtm(ca @ cb).real.trace()
     assert metrics.frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
 
 
@@ -49,6 +53,8 @@ def test_saturation_against_colorsys():
 def test_clipped_fraction_counts_values_at_or_beyond_the_range():
     x = torch.tensor([-1.5, -1.0, -0.99, 0.0, 0.5, 0.99, 1.0, 2.0]).view(1, 1, 2, 4).expand(1, 3, 2, 4)
     assert metrics.clipped_fraction(x) == pytest.approx(4 / 8)
+    assert metrics.clipped_fraction(x, threshold=0.02) == pytest.approx(6 / 8)
+    assert metrics.clipped_fraction(torch.full((1, 3, 2, 2), 1 - 0.5 / 255)) == 1.0  # exports as 255
 
 
 def test_psnr_closed_form_and_ssim_properties():
@@ -71,9 +77,11 @@ def test_ssim_matches_scikit_image_when_available():
     a = torch.rand(1, 3, 20, 20, generator=g) * 2 - 1
     b = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
     ref = skimage_metrics.structural_similarity(
-        a[0].numpy(), b[0].numpy(), channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=2.0
+        a[0].numpy(), b[0].numpy(), data_range=2.0, channel_axis=0,
+        gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
     )
-    assert metrics.ssim(a, b).item() == pytest.approx(ref, abs=2e-2)  # skimage also counts the border windows
+    # skimage filters with reflection but then drops the 5-pixel border: the same windows as ours
+    assert metrics.ssim(a, b).item() == pytest.approx(ref, abs=1e-5)
 
 
 def test_precision_recall_extremes():
@@ -91,6 +99,11 @@ def test_bad_inputs():
         metrics.saturation(torch.zeros(3, 16, 16))
     with pytest.raises(ValueError, match="NaN"):
         metrics.clipped_fraction(torch.full((1, 3, 2, 2), float("nan")))
+
+
+def test_missing_classifier_names_the_training_script(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_classifier.py"):
+        load_classifier(tmp_path / "nowhere")
 
 
 def test_shipped_classifier_reaches_97_percent_on_held_out_digits():
