@@ -137,7 +137,7 @@ class Rescaled(Guidance):
 
     def guide(self, cond, guided, state):
         dims = tuple(range(1, guided.ndim))
-        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp(min=1e-12))
         return self.phi * rescaled + (1 - self.phi) * guided
 
 
