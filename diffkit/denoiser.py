@@ -115,19 +115,6 @@ class Denoiser:
         finally:
             hook.remove()
 
-    def predict(self, x, t, cond=None, target: str = "sample") -> torch.Tensor:
-        """The network's prediction converted to ``target`` ("sample" = x0, "epsilon", "v_prediction")."""
-        alpha, sigma = self.coefficients(t, x)
-        return convert(self(x, t, cond), self.prediction_type, target, x, alpha, sigma)
-
-    def coefficients(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) as scalars in ``like``'s dtype and device."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return (
-            self.schedule.alpha(t).to(like.device, like.dtype),
-            self.schedule.sigma(t).to(like.device, like.dtype),
-        )
-
     def guided_x0(self, state: StepState, cond: dict | None, uncond: dict | None, guidance) -> torch.Tensor:
         """x0 at this step: conditional only, or the guidance rule applied to the (cond, uncond) pair.
 
@@ -137,6 +124,7 @@ class Denoiser:
         if guidance is None or uncond is None or not guidance.is_active(state):
             out = self(x, t, cond)
             return convert(out, self.prediction_type, "sample", x, state.alpha, state.sigma)
-        out = self(torch.cat([x, x]), t, _batch_cat(cond, uncond))
-        x0_cond, x0_uncond = convert(out, self.prediction_type, "sample", torch.cat([x, x]), state.alpha, state.sigma).chunk(2)
+        xx = torch.cat([x, x])
+        out = self(xx, t, _batch_cat(cond, uncond))
+        x0_cond, x0_uncond = convert(out, self.prediction_type, "sample", xx, state.alpha, state.sigma).chunk(2)
         return guidance(x0_cond, x0_uncond, state)

@@ -154,15 +154,13 @@ def sample_heun(denoiser, x, timesteps, *, cond=None, uncond=None, guidance=None
 class Solver:
     fn: Callable
     grid_includes_end: bool  # diffusers' spacing for this scheduler counts the end point (DPM-Solver)
-    evals_per_step: int  # network evaluations per step (Heun's last step needs only one)
-    scheduler: str  # the diffusers scheduler it reproduces
 
 
 SOLVERS = {
-    "ddim": Solver(sample_ddim, False, 1, "DDIMScheduler"),
-    "dpmpp_2m": Solver(sample_dpmpp_2m, True, 1, "DPMSolverMultistepScheduler"),
-    "euler": Solver(sample_euler, False, 1, "EulerDiscreteScheduler"),
-    "heun": Solver(sample_heun, False, 2, "HeunDiscreteScheduler"),
+    "ddim": Solver(sample_ddim, False),
+    "dpmpp_2m": Solver(sample_dpmpp_2m, True),
+    "euler": Solver(sample_euler, False),
+    "heun": Solver(sample_heun, False),
 }
 
 
