@@ -10,24 +10,30 @@ rho_0 to rho_T,
     da_y/drho = -a_y^T d eps/dy,   da_c/drho = -a_y^T d eps/dc,   da_theta/drho = -a_y^T d eps/dtheta,
 
 while y is re-integrated backwards alongside. The a_y / rho part is stiff where rho spans orders of magnitude
-(the first steps), so diffkit discretises it as the exponential integrator it is dual to: over each interval
-[rho_{i+1}, rho_i], with r = rho_{i+1} / rho_i = exp(-(lambda_{i+1} - lambda_i)),
+(the first steps), so diffkit integrates the pair with the exponential integrator in lambda = -log rho that
+DPM-Solver++ uses forwards. With r_i = rho_{i+1} / rho_i, a step of order 1 (DDIM) or 2 (DPM-Solver++(2M)) is
 
-    y_i     = (y_{i+1} - (1 - r) D_{i+1}) / r                      (DDIM inversion, D at the later point)
-    a_i     = r a_{i+1} + (1 - r) a_{i+1}^T dD/dy (y_i, rho_i)       (the VJP at the noisier point)
-    a_c,th += (1 - r) a_{i+1}^T dD/d(c, theta) (y_i, rho_i)
+    y_{i+1} = r_i y_i + p_i D_i + q_i D_{i-1}        (order 1: p = 1 - r, q = 0)
 
-a first-order scheme that is the exact transpose of the forward DDIM step whenever the inversion is exact
-(AdjointDEIS, Blasingame & Liu 2024, writes the same integrator in lambda).
+and the adjoint takes the exact transpose of these steps, one vector-Jacobian product per step:
+
+    a_i = r_i a_{i+1} + (p_i a_{i+1} + q_{i+1} a_{i+2})^T dD_i/dy,   a_c,theta += (same vector)^T dD_i/d(c, theta)
+
+evaluated at y_i as the backward pass reconstructs it (the same multistep formula run from rho_{i+1} up to
+rho_i with D_{i+1}, D_{i+2}). Where that reconstruction is exact the adjoint equals backprop through the
+sampler; its error is the solver's, of order 1 or 2 (AdjointDEIS, Blasingame & Liu 2024, writes the
+first-order adjoint in lambda).
 
 ``adjoint_sample`` returns x_0 and, on ``backward()``, the gradients for x_T, every conditioning tensor in
-``cond`` that requires grad, and ``params``. Backends:
+``cond`` that requires grad and ``params``. Backends:
 
 - ``"adjoint"``: that exponential-integrator adjoint on a fixed grid; the forward pass keeps no activations
   and no trajectory, so memory does not grow with the step count (n + 1 network evaluations backwards,
   n of them with a VJP).
-- ``"torchdiffeq"``: ``torchdiffeq.odeint_adjoint`` (Euler) on the same ODE and grid; it stores the state at
-  every grid point (O(steps) memory) and resets to it during the backward pass.
+- ``"torchdiffeq"``: ``torchdiffeq.odeint_adjoint`` on the same ODE and grid in rho with any fixed-grid
+  method (Euler for order 1, as the paper's code; midpoint for order 2; rk4 on request), the network at the
+  continuous t(rho); it stores the state at every grid point (O(steps) memory) and resets to it during the
+  backward pass.
 - ``"checkpoint"``: the exact gradient of the discrete sampler by backprop, recomputing each step's
   activations (``torch.utils.checkpoint``); memory O(steps x latent).
 - ``"autograd"``: plain backprop through the loop (memory grows with steps x activations).
@@ -37,6 +43,8 @@ pass evaluates the network at the end point. Guidance inside the ODE is supporte
 (CFG, APG without momentum, CFG-rescale, intervals).
 """
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -44,53 +52,85 @@ from .denoiser import Denoiser, StepState
 
 
 BACKENDS = ("adjoint", "torchdiffeq", "checkpoint", "autograd")
+TORCHDIFFEQ_METHODS = ("euler", "midpoint", "heun3", "rk4", "explicit_adams", "implicit_adams")  # fixed-grid
 
 
 def adjoint_timesteps(denoiser: Denoiser, num_inference_steps: int) -> torch.Tensor:
-    """n + 1 linspace timesteps from t = N - 1 down to t = 0, rounded: n Euler steps in rho."""
+    """n + 1 linspace timesteps from t = N - 1 down to t = 0, rounded: n steps in rho."""
     return denoiser.schedule.timesteps(num_inference_steps, "linspace", end=0.0, grid_includes_end=True)
 
 
 class RhoODE:
-    """The guided eps field of a denoiser on a timestep grid, as a function of y = x / alpha."""
+    """The guided eps field of a denoiser on a timestep grid, as a function of y = x / alpha, and the
+    multistep exponential integrator of order 1 (DDIM) or 2 (DPM-Solver++(2M)) that walks it."""
 
-    def __init__(self, denoiser: Denoiser, timesteps, cond=None, uncond=None, guidance=None):
+    def __init__(
+        self, denoiser: Denoiser, timesteps, cond=None, uncond=None, guidance=None, order: int = 2, method=None
+    ):
         ts = torch.as_tensor(timesteps, dtype=torch.float64)
         if ts[-1] < 0:
             raise ValueError("the adjoint grid must end at a model timestep >= 0 (use adjoint_timesteps)")
-        if torch.any(ts[1:] >= ts[:-1]):
-            raise ValueError(f"timesteps must be strictly decreasing, got {ts.tolist()}")
+        if len(ts) < 2 or torch.any(ts[1:] >= ts[:-1]):
+            raise ValueError(f"timesteps must be strictly decreasing with >= 2 entries, got {ts.tolist()}")
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order!r}")
+        if method is not None and method not in TORCHDIFFEQ_METHODS:
+            raise ValueError(f"method must be one of torchdiffeq's fixed-grid {TORCHDIFFEQ_METHODS}, got {method!r}")
         if getattr(guidance, "momentum", 0.0):
             raise ValueError("guidance with momentum is stateful along the run; the adjoint needs momentum = 0")
         self.denoiser, self.cond, self.uncond, self.guidance = denoiser, dict(cond or {}), uncond, guidance
+        self.order = order
+        self.method = method or ("euler" if order == 1 else "midpoint")
         self.alpha = denoiser.schedule.alpha(ts).tolist()
         self.sigma = denoiser.schedule.sigma(ts).tolist()
         self.rho = [s / a for s, a in zip(self.sigma, self.alpha)]
         self.t = ts.float()
-        self.n = len(ts) - 1
+        self.n = n = len(ts) - 1
+        # y_{i+1} = r_i y_i + p_i D_i + q_i D_{i-1}; the first step has no history, and like diffusers'
+        # lower_order_final the last one is first order on short grids, where its lambda step is longest.
+        self.r = [self.rho[i + 1] / self.rho[i] for i in range(n)]
+        self.p, self.q = [1 - r for r in self.r], [0.0] * n
+        for i in range(1, n):
+            if order == 2 and not (i == n - 1 and n < 15):
+                c = self._extrapolation(i + 1, i, i - 1)
+                self.p[i], self.q[i] = (1 - self.r[i]) * (1 + c), -(1 - self.r[i]) * c
         self.reconstructed_x_T = None  # set by the adjoint backward pass
+
+    def _extrapolation(self, to: int, at: int, prev: int) -> float:
+        """DPM-Solver++(2M)'s 1 / (2 r0): h / (2 h_prev) in lambda = -log rho, for a step at -> to."""
+        h = math.log(self.rho[at] / self.rho[to])
+        h_prev = math.log(self.rho[prev] / self.rho[at])
+        return h / (2 * h_prev)
+
+    def state(self, y: torch.Tensor, i: int) -> StepState:
+        return StepState(i, self.n, self.t[i].to(y.device), self.alpha[i], self.sigma[i], self.alpha[i] * y)
 
     def x0(self, y: torch.Tensor, i: int, cond: dict) -> torch.Tensor:
         """The guided x0 prediction D at grid point i for state y."""
-        alpha, sigma = self.alpha[i], self.sigma[i]
-        state = StepState(i, self.n, self.t[i].to(y.device), alpha, sigma, alpha * y)
-        return self.denoiser.guided_x0(state, cond, self.uncond, self.guidance)
+        return self.denoiser.guided_x0(self.state(y, i), cond, self.uncond, self.guidance)
 
-    def eps(self, y: torch.Tensor, i: int, cond: dict) -> torch.Tensor:
-        """dy/drho = (y - D) / rho: the guided eps at grid point i."""
-        return (y - self.x0(y, i, cond)) / self.rho[i]
+    def step(self, y: torch.Tensor, d_prev, i: int, cond: dict):
+        """One step from grid point i to i + 1: returns (y_{i+1}, D_i)."""
+        d = self.x0(y, i, cond)
+        y = self.r[i] * y + self.p[i] * d
+        if self.q[i]:
+            y = y + self.q[i] * d_prev
+        return y, d
 
-    def step(self, y: torch.Tensor, i: int, cond: dict) -> torch.Tensor:
-        """One Euler step in rho from grid point i to i + 1, which is a DDIM step."""
-        r = self.rho[i + 1] / self.rho[i]
-        return r * y + (1 - r) * self.x0(y, i, cond)
+    def unstep(self, y: torch.Tensor, d: torch.Tensor, d_next, i: int) -> torch.Tensor:
+        """y_i from y_{i+1}, D_{i+1} (= ``d``) and D_{i+2}: the same integrator run from rho_{i+1} up to rho_i."""
+        up = self.rho[i] / self.rho[i + 1]
+        if self.order == 1 or d_next is None:
+            return up * y + (1 - up) * d
+        c = self._extrapolation(i, i + 1, i + 2)
+        return up * y + (1 - up) * ((1 + c) * d - c * d_next)
 
     def grad_keys(self) -> list[str]:
         return [k for k, v in self.cond.items() if torch.is_tensor(v) and v.requires_grad]
 
     def sample(self, x_T: torch.Tensor, params=(), backend: str = "adjoint") -> torch.Tensor:
         """x_0 from x_T; see ``adjoint_sample``. After an adjoint backward pass, ``self.reconstructed_x_T``
-        holds x_T as the backward ODE recovered it."""
+        holds x_T as the backward pass recovered it."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         params = [p for p in params if p.requires_grad]
@@ -99,12 +139,12 @@ class RhoODE:
             return _Adjoint.apply(self, len(cond_tensors), x_T, *cond_tensors, *params)
         if backend == "torchdiffeq":
             return _torchdiffeq(self, x_T, params)
-        y = x_T / self.alpha[0]
+        y, d = x_T / self.alpha[0], None
         for i in range(self.n):
             if backend == "checkpoint":
-                y = checkpoint(self.step, y, i, self.cond, use_reentrant=False)
+                y, d = checkpoint(self.step, y, d, i, self.cond, use_reentrant=False)
             else:
-                y = self.step(y, i, self.cond)
+                y, d = self.step(y, d, i, self.cond)
         return y * self.alpha[-1]
 
 
@@ -117,10 +157,10 @@ class _Adjoint(torch.autograd.Function):
         keys = ode.grad_keys()
         cond = {**ode.cond, **{k: t.detach() for k, t in zip(keys, tensors[:num_cond])}}
         with torch.no_grad():
-            y = x_T.detach() / ode.alpha[0]
+            y, d = x_T.detach() / ode.alpha[0], None
             for i in range(ode.n):
-                y = ode.step(y, i, cond)
-        ctx.ode, ctx.keys, ctx.num_cond = ode, keys, num_cond
+                y, d = ode.step(y, d, i, cond)
+        ctx.ode, ctx.keys = ode, keys
         ctx.save_for_backward(y, *tensors[:num_cond])
         ctx.params = tensors[num_cond:]
         return y * ode.alpha[-1]
@@ -131,42 +171,50 @@ class _Adjoint(torch.autograd.Function):
         y, *cond_tensors = ctx.saved_tensors
         leaves = [t.detach().requires_grad_(True) for t in cond_tensors]
         cond = {**ode.cond, **dict(zip(ctx.keys, leaves))}
-        a_y = grad_x0 * ode.alpha[-1]  # y = x / alpha at the end of the grid
+        a, a_next = grad_x0 * ode.alpha[-1], torch.zeros_like(grad_x0)  # a_{i+1}, a_{i+2}; y = x / alpha at the end
         a_rest = [torch.zeros_like(t) for t in leaves + params]  # a_c, then a_theta
         with torch.no_grad():
-            d_next = ode.x0(y, ode.n, cond)
-        # Integrate (y, a_y, a_c, a_theta) backwards from grid point i + 1 to i.
+            d, d_next = ode.x0(y, ode.n, cond), None  # D_{i+1}, D_{i+2}
+        # Walk (y, a_y, a_c, a_theta) back from grid point i + 1 to i.
         for i in reversed(range(ode.n)):
-            r = ode.rho[i + 1] / ode.rho[i]
-            y = (y - (1 - r) * d_next) / r
+            y = ode.unstep(y, d, d_next, i)
+            # D_i reaches y_{i+1} through p_i and y_{i+2} through q_{i+1}
+            w = ode.p[i] * a + (ode.q[i + 1] * a_next if i + 1 < ode.n else 0)
             with torch.enable_grad():
                 y_leaf = y.detach().requires_grad_(True)
-                d = ode.x0(y_leaf, i, cond)
-                vjps = torch.autograd.grad(d, [y_leaf, *leaves, *params], a_y, allow_unused=True)
-            a_y = r * a_y + (1 - r) * vjps[0]
+                d_i = ode.x0(y_leaf, i, cond)
+                vjps = torch.autograd.grad(d_i, [y_leaf, *leaves, *params], w, allow_unused=True)
+            a, a_next = ode.r[i] * a + vjps[0], a
             for acc, g in zip(a_rest, vjps[1:]):
                 if g is not None:
-                    acc.add_((1 - r) * g)
-            d_next = d.detach()
+                    acc.add_(g)
+            d, d_next = d_i.detach(), d
         ode.reconstructed_x_T = (y * ode.alpha[0]).detach()
-        return (None, None, a_y / ode.alpha[0], *a_rest)
+        return (None, None, a / ode.alpha[0], *a_rest)
 
 
 def _torchdiffeq(ode: RhoODE, x_T: torch.Tensor, params: list) -> torch.Tensor:
     from torchdiffeq import odeint_adjoint
 
     keys = ode.grad_keys()
-    rho = torch.tensor(ode.rho, dtype=x_T.dtype, device=x_T.device)
+    schedule = ode.denoiser.schedule
+    rho = torch.tensor(ode.rho, dtype=torch.float64)
 
     class Field(torch.nn.Module):
         # conditioning tensors ride along in the state with zero derivative, so their adjoint is dL/dc
         def forward(self, r, state):
             y, *cs = state
-            i = int(torch.argmin((rho - r).abs()))
-            return (ode.eps(y, i, {**ode.cond, **dict(zip(keys, cs))}), *[torch.zeros_like(c) for c in cs])
+            r = r.detach().double()
+            t = schedule.timestep_at_rho(r)
+            alpha = float(1 / torch.sqrt(1 + r**2))
+            i = int(torch.argmin((rho - r).abs()))  # the step index guidance intervals see
+            step = StepState(i, ode.n, t.float().to(y.device), alpha, float(r) * alpha, alpha * y)
+            d = ode.denoiser.guided_x0(step, {**ode.cond, **dict(zip(keys, cs))}, ode.uncond, ode.guidance)
+            return ((y - d) / float(r), *[torch.zeros_like(c) for c in cs])
 
     state = (x_T / ode.alpha[0], *[ode.cond[k] for k in keys])
-    ys = odeint_adjoint(Field(), state, rho, method="euler", adjoint_params=tuple(params))
+    grid = rho.to(dtype=x_T.dtype, device=x_T.device)
+    ys = odeint_adjoint(Field(), state, grid, method=ode.method, adjoint_params=tuple(params))
     return ys[0][-1] * ode.alpha[-1]
 
 
@@ -180,11 +228,15 @@ def adjoint_sample(
     guidance=None,
     params=(),
     backend: str = "adjoint",
+    order: int = 2,
+    method: str | None = None,
 ) -> torch.Tensor:
-    """Sample x_0 from x_T by Euler steps in rho (DDIM), differentiable by the chosen ``backend``.
+    """Sample x_0 from x_T by steps in rho (order 1: DDIM, order 2: DPM-Solver++(2M)), differentiable by the
+    chosen ``backend``. ``method`` picks torchdiffeq's fixed-grid solver (default: Euler for order 1, as the
+    paper's code, midpoint for order 2).
 
     Gradients reach ``x_T``, the tensors in ``cond`` that require grad and ``params`` (any iterable of
     parameters, e.g. a LoRA or a few layers). The adjoint and torchdiffeq backends differentiate only those;
     the backprop backends, like any backprop, also reach other parameters that require grad.
     """
-    return RhoODE(denoiser, timesteps, cond, uncond, guidance).sample(x_T, params, backend)
+    return RhoODE(denoiser, timesteps, cond, uncond, guidance, order, method).sample(x_T, params, backend)

@@ -102,6 +102,18 @@ class NoiseSchedule:
         """Half log-SNR, lambda_t = log(alpha_t / sigma_t): +inf at the clean end."""
         return self.log_alpha(t) - self.sigma(t).log()
 
+    def timestep_at_rho(self, rho: torch.Tensor | float) -> torch.Tensor:
+        """The continuous t where sigma_t / alpha_t = rho: the exact inverse of the log-alpha interpolation."""
+        rho = torch.as_tensor(rho, dtype=torch.float64)
+        log_alpha = -0.5 * torch.log1p(rho**2)  # alpha^2 = 1 / (1 + rho^2)
+        table = self._log_alpha  # decreasing over t = -1, 0, ..., N-1
+        if torch.any(rho < 0) or torch.any(log_alpha < table[-1]):
+            rho_max = (self.sigma(self.num_train_timesteps - 1) / self.alpha(self.num_train_timesteps - 1)).item()
+            raise ValueError(f"rho must lie in [0, {rho_max:.4g}] (sigma / alpha of the schedule), got {rho}")
+        hi = torch.searchsorted(-table, -log_alpha).clamp(1, len(table) - 1)  # table[hi - 1] >= log_alpha >= table[hi]
+        a, b = table[hi - 1], table[hi]
+        return (hi - 1) + (log_alpha - a) / (b - a) - 1
+
     # -- timestep arrays ----------------------------------------------------------------------------
 
     def timesteps(

@@ -15,7 +15,7 @@ from .guided import GuidedPipeline, GuidedPipelineOutput
 
 
 class AdjointDPMPipeline(GuidedPipeline):
-    r"""Differentiable sampling (Euler in rho = DDIM) with a choice of gradient backend.
+    r"""Differentiable sampling (DPM-Solver++(2M) or DDIM in rho) with a choice of gradient backend.
 
     Example:
         >>> pipe = AdjointDPMPipeline.from_pipe(diffkit.load_pipeline())
@@ -40,6 +40,7 @@ class AdjointDPMPipeline(GuidedPipeline):
         latents: torch.Tensor | None = None,
         params=(),
         gradient_backend: str = "adjoint",
+        solver_order: int = 2,
         output_type: str = "pt",
         return_dict: bool = True,
     ):
@@ -53,6 +54,8 @@ class AdjointDPMPipeline(GuidedPipeline):
             latents (`torch.Tensor`, *optional*): the initial noise x_T; receives gradients if it requires grad.
             params (iterable of parameters): network parameters to differentiate (e.g. a LoRA or one layer).
             gradient_backend (`str`, defaults to "adjoint"): "adjoint", "torchdiffeq", "checkpoint" or "autograd".
+            solver_order (`int`, defaults to 2): 2 for DPM-Solver++(2M) steps in rho and their transposes, 1 for
+                DDIM (the paper's Euler in rho).
             output_type (`str`, defaults to "pt"): "pt" and "latent" keep the graph; "np" and "pil" detach.
         """
         self.check_inputs(class_labels, prompt, prompt_embeds, num_inference_steps, output_type, None)
@@ -76,7 +79,8 @@ class AdjointDPMPipeline(GuidedPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
         denoiser = Denoiser.from_pipeline_components(self.unet, self.scheduler)
-        ode = RhoODE(denoiser, adjoint_timesteps(denoiser, num_inference_steps), cond, uncond if rule else None, rule)
+        timesteps = adjoint_timesteps(denoiser, num_inference_steps)
+        ode = RhoODE(denoiser, timesteps, cond, uncond if rule else None, rule, order=solver_order)
         x0 = ode.sample(latents, params, gradient_backend)
         if output_type in ("np", "pil"):
             x0 = x0.detach()

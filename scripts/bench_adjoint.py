@@ -1,8 +1,9 @@
 """Peak memory, time and accuracy of one gradient through the sampler, per backend and step count.
 
 On the embedded default model (8 images, CFG 3): the gradient of an image-space loss with respect to the
-initial noise and the UNet's output layer, for diffkit's adjoint, torchdiffeq's odeint_adjoint, checkpointed
-backprop and plain autograd at 10, 25, 50 and 100 steps. Each measurement runs in a fresh process, so its
+initial noise and the UNet's output layer, for diffkit's adjoint (order 2 = DPM-Solver++(2M) and its
+transpose; order 1 = DDIM), torchdiffeq's odeint_adjoint (midpoint in rho), checkpointed backprop and plain
+autograd (both through the 2M sampler) at 10, 25, 50 and 100 steps. Each measurement runs in a fresh process, so its
 peak resident memory (above the loaded model) is its own. The error column compares each gradient with
 checkpointed backprop at 400 steps. Writes assets/bench_adjoint.md and assets/bench_adjoint.png.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 import diffkit
-from diffkit.adjoint import BACKENDS, RhoODE, adjoint_timesteps
+from diffkit.adjoint import RhoODE, adjoint_timesteps
 from diffkit.guidance import CFG
 from diffkit.images import save_figure_atomic, write_text_atomic
 
@@ -30,7 +31,10 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def gradient(backend: str, steps: int, images: int) -> dict:
+METHODS = [("adjoint", 2), ("adjoint", 1), ("torchdiffeq", 2), ("checkpoint", 2), ("autograd", 2)]
+
+
+def gradient(backend: str, order: int, steps: int, images: int) -> dict:
     """One gradient in this process: seconds, peak memory above the loaded model, the gradient itself."""
     pipe = diffkit.load_pipeline()
     unet = pipe.unet.requires_grad_(False)
@@ -41,7 +45,7 @@ def gradient(backend: str, steps: int, images: int) -> dict:
     labels = torch.arange(images) % 10
     ode = RhoODE(
         denoiser, adjoint_timesteps(denoiser, steps), cond={"class_labels": labels},
-        uncond={"class_labels": torch.full_like(labels, 10)}, guidance=CFG(3.0),
+        uncond={"class_labels": torch.full_like(labels, 10)}, guidance=CFG(3.0), order=order,
     )
     x_T = torch.randn(images, 3, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     target = torch.zeros(images, 3, 16, 16)  # pull the samples towards a grey image
@@ -54,9 +58,10 @@ def gradient(backend: str, steps: int, images: int) -> dict:
     return {"seconds": seconds, "peak_mb": _rss_mb() - baseline, "grad": grad.tolist()}
 
 
-def measure(backend, steps, images) -> dict:
+def measure(backend, order, steps, images) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", backend, str(steps), str(images)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--worker", backend, str(order), str(steps), str(images)],
+        capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -65,26 +70,28 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="assets")
-    parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "STEPS", "IMAGES"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("BACKEND", "ORDER", "STEPS", "IMAGES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        backend, steps, images = args.worker
-        print(json.dumps(gradient(backend, int(steps), int(images))))
+        backend, order, steps, images = args.worker
+        print(json.dumps(gradient(backend, int(order), int(steps), int(images))))
         return
 
     step_counts, images, ref_steps = ([10, 25], 2, 100) if args.quick else ([10, 25, 50, 100], 8, 400)
-    reference = torch.tensor(measure("checkpoint", ref_steps, images)["grad"])
+    reference = torch.tensor(measure("checkpoint", 2, ref_steps, images)["grad"])
     rows = []
-    for backend in BACKENDS:
+    for backend, order in METHODS:
         for steps in step_counts:
-            r = measure(backend, steps, images)
+            r = measure(backend, order, steps, images)
             error = ((torch.tensor(r["grad"]) - reference).norm() / reference.norm()).item()
-            rows.append({"backend": backend, "steps": steps, "seconds": r["seconds"], "peak_mb": r["peak_mb"], "error": error})
-            print(f"{backend} {steps}: {r['seconds']:.1f}s {r['peak_mb']:.0f} MB err {error:.2e}", flush=True)
+            name = backend if order == 2 else f"{backend} (order 1)"
+            rows.append({"backend": name, "steps": steps, "seconds": r["seconds"], "peak_mb": r["peak_mb"], "error": error})
+            print(f"{name} {steps}: {r['seconds']:.1f}s {r['peak_mb']:.0f} MB err {error:.2e}", flush=True)
 
     lines = [
         f"Default model, {images} images, CFG 3, gradient w.r.t. x_T and the UNet's conv_out; error relative to "
-        f"checkpointed backprop at {ref_steps} steps. Peak memory: resident memory above the loaded model.",
+        f"checkpointed backprop through DPM-Solver++(2M) at {ref_steps} steps. Peak memory: resident memory above "
+        f"the loaded model, each cell in a fresh process; time: one gradient, torch threads {torch.get_num_threads()}.",
         "",
         "| backend | steps | s / gradient | peak MB | rel. error |",
         "|---|---|---|---|---|",
@@ -98,6 +105,7 @@ def main():
     table = "\n".join(lines) + "\n"
     print(table)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     write_text_atomic(out / f"bench_adjoint{suffix}.md", table)
     plot(rows, out / f"bench_adjoint{suffix}.png")
@@ -110,7 +118,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for backend in BACKENDS:
+    for backend in dict.fromkeys(r["backend"] for r in rows):
         rs = [r for r in rows if r["backend"] == backend]
         for ax, key in zip(axes, ("peak_mb", "seconds", "error")):
             ax.plot([r["steps"] for r in rs], [r[key] for r in rs], "o-", label=backend)

@@ -88,3 +88,11 @@ def test_bad_schedule_configs():
         NoiseSchedule.from_config({}).timesteps(10, "uniform")
     with pytest.raises(ValueError, match="num_inference_steps"):
         NoiseSchedule.from_config({}).timesteps(0)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+def test_timestep_at_rho_inverts_sigma_over_alpha(beta_schedule):
+    schedule = NoiseSchedule.from_config({"beta_schedule": beta_schedule})
+    t = torch.tensor([0.0, 0.3, 5.5, 123.25, 500.0, 998.7, 999.0], dtype=torch.float64)
+    rho = schedule.sigma(t) / schedule.alpha(t)
+    assert torch.allclose(schedule.timestep_at_rho(rho), t, atol=1e-9)
