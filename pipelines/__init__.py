@@ -2,9 +2,10 @@
 
 from .adjoint import AdjointDPMPipeline
 from .guided import GuidedPipeline, GuidedPipelineOutput
+from .red_diff import RedDiffPipeline
 
 
 # _class_name in model_index.json -> class, for diffkit.load_pipeline
-PIPELINES = {"GuidedPipeline": GuidedPipeline, "AdjointDPMPipeline": AdjointDPMPipeline}
+PIPELINES = {"GuidedPipeline": GuidedPipeline, "AdjointDPMPipeline": AdjointDPMPipeline, "RedDiffPipeline": RedDiffPipeline}
 
-__all__ = ["AdjointDPMPipeline", "GuidedPipeline", "GuidedPipelineOutput", "PIPELINES"]
+__all__ = ["AdjointDPMPipeline", "GuidedPipeline", "GuidedPipelineOutput", "PIPELINES", "RedDiffPipeline"]

@@ -1,0 +1,90 @@
+"""RedDiffPipeline and `diffkit restore` on the embedded default model: restorations beat the measurement's
+pseudo-inverse, the pipeline round-trips, bad input is refused with the shapes named."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import diffkit
+from diffkit.cli import main
+from diffkit.data import colored_digits
+from diffkit.inverse import make_operator, red_diff
+from diffkit.metrics import psnr
+from diffkit.pipelines import RedDiffPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = RedDiffPipeline.from_pipe(diffkit.load_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return colored_digits("test")[0][:4]
+
+
+@pytest.mark.parametrize("method, steps", [("red_diff", 50), ("pigdm", 25)])
+def test_restoration_beats_the_pseudo_inverse(pipe, digits, method, steps):
+    """Half the image boxed out: the prior must fill it in better than the zero fill of pinv(y)."""
+    op = make_operator("inpaint_box", sigma_y=0.05, image_size=16)
+    y = op.measure(digits, generator=torch.Generator().manual_seed(0))
+    out = pipe(y, op, method=method, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt")
+    restored = out.images * 2 - 1
+    assert psnr(restored, digits).mean() > psnr(op.pinv(y).clamp(-1, 1), digits).mean() + 2
+
+
+def test_pipeline_is_the_solver_with_the_unconditional_prior(pipe, digits):
+    op = make_operator("sr:2", sigma_y=0.05)
+    y = op.measure(digits, generator=torch.Generator().manual_seed(0))
+    ours = pipe(y, op, num_inference_steps=10, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    denoiser = diffkit.Denoiser.from_pipeline_components(pipe.unet, pipe.scheduler)
+    ref = red_diff(denoiser, y, op, num_steps=10, generator=torch.Generator().manual_seed(1),
+                   cond={"class_labels": torch.full((4,), 10)})
+    assert torch.allclose(ours, (ref / 2 + 0.5).clamp(0, 1), atol=1e-6)
+
+
+def test_save_and_load_round_trip(pipe, digits, tmp_path):
+    pipe.save_pretrained(tmp_path / "rd")
+    loaded = diffkit.load_pipeline(tmp_path / "rd")
+    assert isinstance(loaded, RedDiffPipeline)
+    op = make_operator("blur_gauss:1.0", sigma_y=0.05)
+    y = op.measure(digits[:1], generator=torch.Generator().manual_seed(0))
+    a, b = (p(y, op, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images for p in (pipe, loaded))
+    assert np.array_equal(a, b)
+
+
+def test_bad_input_is_refused(pipe, digits):
+    op = make_operator("sr:2")
+    with pytest.raises(ValueError, match=r"\(1, 3, 16, 16\)"):  # an image given where an 8x8 measurement belongs
+        pipe(digits[:1], op, num_inference_steps=2)
+    with pytest.raises(ValueError, match="method"):
+        pipe(op.forward(digits[:1]), op, method="ddrm")
+    with pytest.raises(ValueError, match="lrr"):
+        pipe(op.forward(digits[:1]), op, method_kwargs={"lrr": 0.1})
+    with pytest.raises(ValueError, match="NaN"):
+        pipe(torch.full((1, 3, 8, 8), float("nan")), op, num_inference_steps=2)
+
+
+def test_cli_restore_writes_a_png_with_its_parameters(digits, tmp_path, capsys):
+    clean = tmp_path / "clean.png"
+    PIL.Image.fromarray(((digits[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)).save(clean)
+    out = tmp_path / "restored.png"
+    args = ["restore", str(clean), "--operator", "inpaint_box", "--simulate", "--steps", "20", "--out", str(out)]
+    assert main(args) == 0
+    image = PIL.Image.open(out)
+    assert image.size == (16, 16)
+    assert json.loads(image.text["diffkit"])["operator"] == "inpaint_box"
+    assert main(args) == 2  # never replaced silently
+    assert "--overwrite" in capsys.readouterr().err
+    bad = ["restore", str(clean), "--operator", "sr:2", "--steps", "2", "--out", str(tmp_path / "x.png")]
+    assert main(bad) == 2  # a 16x16 file is no SR x2 measurement for a 16x16 model
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "(1, 3, 8, 8)" in err and len(err.splitlines()) == 1
+    assert main(["restore", str(clean), "--operator", "warp:3", "--out", str(tmp_path / "y.png")]) == 2
+    assert "unknown operator" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
