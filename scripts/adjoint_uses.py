@@ -64,7 +64,7 @@ def run(use: str, pipe: AdjointDPMPipeline, iterations: int, steps: int, backend
             original = pipe(**base, class_labels=labels, latents=x_T).images
         latents = x_T.clone().requires_grad_(True)
         call = {**base, "class_labels": labels, "latents": latents}
-        variables, lr = [latents], 0.01
+        variables, lr = [latents], 0.05
         target = torch.tensor(labels)
 
         def loss_fn(images):  # push the true class down, stay close to the original image
