@@ -56,3 +56,15 @@ def test_bench_adjoint_quick(tmp_path):
     assert cells["adjoint", 25] < cells["adjoint (order 1)", 25]
     for name in ("bench_adjoint_quick.md", "bench_adjoint_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_inverse_quick(tmp_path):
+    stdout = _run("bench_inverse.py", tmp_path)
+    rows = [r for r in _table_rows(stdout) if not r.startswith("| task")]
+    psnr = {(r.split("|")[1].strip(), r.split("|")[2].strip()): float(r.split("|")[3]) for r in rows}
+    assert len(psnr) == 3 * 4  # three tasks: the pseudo-inverse and three diffkit methods
+    for task in ("inpaint half", "SR x2", "deblur"):  # the prior adds what the measurement lacks
+        for method in ("RED-Diff", "DPS"):
+            assert psnr[task, method] > psnr[task, "pseudo-inverse"] + 2, (task, method, psnr)
+    for name in ("bench_inverse_quick.md", "bench_inverse_quick.png"):
+        assert (tmp_path / name).stat().st_size > 0
