@@ -37,8 +37,9 @@ def ink_coverage(images):
     return torch.sigmoid((images.amax(1) - 0.5) * 20).mean((1, 2))
 
 
-def run(use: str, pipe: AdjointDPMPipeline, iterations: int, steps: int, backend: str = "adjoint", seed: int = 0):
-    """Returns (losses, images before, images after, a dict of figures of merit before/after)."""
+def run(use: str, pipe: AdjointDPMPipeline, iterations: int, steps: int, backend: str = "adjoint", seed: int = 0, lr_override=None):
+    """Returns (losses, images before, images after, a dict of figures of merit before/after); ``lr_override`` replaces
+    the use's Adam learning rate."""
     classifier = load_classifier()
     g = torch.Generator().manual_seed(seed)
     base = {"num_inference_steps": steps, "guidance_scale": 3.0, "gradient_backend": backend}
@@ -77,7 +78,7 @@ def run(use: str, pipe: AdjointDPMPipeline, iterations: int, steps: int, backend
         p.requires_grad_(use == "finetune" and any(p is q for q in variables))
     with torch.no_grad():
         before = pipe(**call, output_type="pt").images
-    losses = pipe.optimize(loss_fn, variables, iterations=iterations, lr=lr, **call)
+    losses = pipe.optimize(loss_fn, variables, iterations=iterations, lr=lr if lr_override is None else lr_override, **call)
     with torch.no_grad():
         after = pipe(**call, output_type="pt").images
         acc = lambda im: (classifier(im * 2 - 1).argmax(1) == torch.tensor(labels)).float().mean().item()  # noqa: E731

@@ -49,11 +49,13 @@ def test_bench_adjoint_quick(tmp_path):
     stdout = _run("bench_adjoint.py", tmp_path)
     rows = [r for r in _table_rows(stdout) if not r.startswith("| backend")]
     assert len(rows) == 5 * 2  # five methods at 10 and 25 steps
-    cells = {(r.split("|")[1].strip(), int(r.split("|")[2])): float(r.split("|")[-2]) for r in rows}
-    # checkpointed backprop through the same sampler converges to the fine-step reference; at 25 steps the
-    # second-order adjoint is nearer to it than the first-order one
-    assert cells["checkpoint", 25] < cells["checkpoint", 10]
-    assert cells["adjoint", 25] < cells["adjoint (order 1)", 25]
+    cells = {(r.split("|")[1].strip(), int(r.split("|")[2])): [float(v) for v in r.split("|")[3:6]] for r in rows}
+    # checkpointed backprop through the same sampler converges to the fine-step reference, and the adjoint
+    # agrees with it; the adjoint's memory stays flat with the steps while plain autograd's grows
+    assert cells["checkpoint", 25][2] < cells["checkpoint", 10][2]
+    assert cells["adjoint", 25][2] < 0.1
+    assert cells["adjoint", 25][1] <= 1.2 * cells["adjoint", 10][1]
+    assert cells["autograd", 25][1] > 1.5 * cells["autograd", 10][1]
     for name in ("bench_adjoint_quick.md", "bench_adjoint_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
 
