@@ -77,7 +77,7 @@ def run_peer(peer_python: str, ops: dict, x: torch.Tensor, ys: dict, quick: bool
             tensors[f"kernel_{key}"] = op.kernel.float()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        save_file({k: v.contiguous().float() for k, v in tensors.items()}, tmp / "in.safetensors")
+        save_file({k: v.float().clone().contiguous() for k, v in tensors.items()}, tmp / "in.safetensors")
         (tmp / "in.json").write_text(json.dumps(config))
         script = Path(__file__).with_name("inverse_peer.py")
         subprocess.run(
