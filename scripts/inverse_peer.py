@@ -217,7 +217,7 @@ def main():
     for flag in ("--data", "--config", "--out", "--model"):
         parser.add_argument(flag, required=True)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # as many as diffkit's rows use
     tasks, sigma_y, steps, seed, tensors = read_inputs(args)
     denoiser, counted, scheduler = load_denoiser(Path(args.model))
     sigma = sigma_y / 2  # deepinv's diffusers denoiser works on [0, 1] images: half the [-1, 1] noise std
