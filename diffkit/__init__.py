@@ -1,6 +1,7 @@
 """diffkit: diffusion methods on one solver core, as diffusers pipelines."""
 
 from .denoiser import Denoiser, convert
+from .dfm.networks import SignalMLP  # importable from the top for diffusers' component loading
 from .guidance import CFG, Guidance, make_guidance
 from .hub import DEFAULT_MODEL, load_pipeline
 from .schedule import CLEAN, NoiseSchedule
@@ -17,6 +18,7 @@ __all__ = [
     "Guidance",
     "NoiseSchedule",
     "SOLVERS",
+    "SignalMLP",
     "convert",
     "load_pipeline",
     "make_guidance",
