@@ -70,3 +70,18 @@ def test_bench_inverse_quick(tmp_path):
             assert psnr[task, method] > psnr[task, "pseudo-inverse"] + 2, (task, method, psnr)
     for name in ("bench_inverse_quick.md", "bench_inverse_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_dfm_quick(tmp_path):
+    stdout = _run("bench_dfm.py", tmp_path)
+    rows = {tuple(c.strip() for c in r.split("|")[1:3]): r for r in _table_rows(stdout)
+            if r.count("|") == 8 and not r.startswith("| world")}
+    ratio = {key: float(r.split("|")[5]) for key, r in rows.items()}
+    coverage = {key: r.split("|")[3].strip() for key, r in rows.items()}
+    for world in ("GP", "bimodal"):
+        assert ratio[world, "regressor"] == 0.0  # a deterministic regressor has no variance
+        assert ratio[world, "DFM"] > 0.5  # DFM samples vary off the context window
+        assert coverage[world, "observation diffusion"] != "100%"  # observations alone never show the whole signal
+        assert 0.8 < ratio[world, "exact posterior"] < 1.2
+    for name in ("bench_dfm_quick.md", "bench_dfm_quick.png"):
+        assert (tmp_path / name).stat().st_size > 0
