@@ -4,6 +4,7 @@ from .denoiser import Denoiser, convert
 from .dfm.networks import SignalMLP  # importable from the top for diffusers' component loading
 from .guidance import CFG, Guidance, make_guidance
 from .hub import DEFAULT_MODEL, load_pipeline
+from .quant.model import QuantizedModel  # importable from the top for diffusers' component loading
 from .schedule import CLEAN, NoiseSchedule
 from .solvers import SOLVERS, make_timesteps, sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun
 
@@ -17,6 +18,7 @@ __all__ = [
     "Denoiser",
     "Guidance",
     "NoiseSchedule",
+    "QuantizedModel",
     "SOLVERS",
     "SignalMLP",
     "convert",
