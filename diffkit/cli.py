@@ -1,4 +1,4 @@
-"""The ``diffkit`` command: ``diffkit generate``, ``diffkit restore`` and ``diffkit env``.
+"""The ``diffkit`` command: ``diffkit generate``, ``diffkit restore``, ``diffkit quantize`` and ``diffkit env``.
 
 Errors in what the user asked for print one line (``error: ...``) on stderr and exit with status 2.
 Under ``accelerate launch`` the images are split across processes.
@@ -95,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--seed", type=int, default=0)
     res.add_argument("--out", required=True, help="output PNG file")
     res.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    qua = sub.add_parser("quantize", help="post-training quantisation of a pipeline's UNet (PTQ4DM)", formatter_class=fmt)
+    qua.add_argument("--model", default=None, help="pipeline folder or Hub repo id (default: the embedded model)")
+    qua.add_argument("--bits", choices=["w8a8", "w4a8"], default="w8a8")
+    qua.add_argument("--calibration", choices=["ndtc", "uniform", "naive"], default="ndtc")
+    qua.add_argument("-n", "--num-samples", type=_positive_int, default=1024, help="calibration set size")
+    qua.add_argument("--method", choices=["lp", "absmax", "percentile"], default="lp", help="range rule")
+    qua.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps of the calibration run")
+    qua.add_argument("--seed", type=int, default=0)
+    qua.add_argument("--out", required=True, help="output pipeline folder")
+    qua.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     sub.add_parser("env", help="print versions and devices")
     return parser
@@ -317,6 +328,34 @@ def restore(args) -> None:
     print(f"wrote {out}")
 
 
+def quantize(args) -> None:
+    import shutil
+    import tempfile
+
+    from .hub import load_pipeline
+    from .quant import quantize_pipeline
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite")
+    _quiet_libraries()
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(desc=f"calibration ({args.calibration})")
+    quantize_pipeline(pipe, args.bits, args.calibration, n=args.num_samples, method=args.method,
+                      num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
+    # written beside the target, then renamed: an interrupted run never leaves a half-written model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {args.bits} model ({args.calibration} calibration, n={args.num_samples}) to {out}")
+
+
 def env() -> None:
     import accelerate
     import transformers
@@ -338,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             env()
         elif args.command == "restore":
             restore(args)
+        elif args.command == "quantize":
+            quantize(args)
         else:
             generate(args)
     except (ValueError, TypeError, OSError, RuntimeError, SafetensorError) as err:

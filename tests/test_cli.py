@@ -185,3 +185,24 @@ def test_python_dash_m_reports_a_load_error_in_one_line(model_dir, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "safetensors" in result.stderr
+
+
+def test_quantize_writes_a_loadable_model_that_generate_uses(model_dir, tmp_path, capsys):
+    from diffkit import QuantizedModel, load_pipeline
+
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(model_dir), "--bits", "w4a8", "--calibration", "uniform", "-n", "16",
+            "--steps", "4", "--out", str(out)]
+    assert main(args) == 0
+    pipe = load_pipeline(out)
+    assert isinstance(pipe.unet, QuantizedModel)
+    assert (pipe.unet.recipe["bits"], pipe.unet.recipe["calibration"], pipe.unet.recipe["n"]) == ("w4a8", "uniform", 16)
+    before = sorted(p.name for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(args) == 2  # never silently overwritten
+    assert "exists" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]  # no staging folder left behind
+    assert _gen(out, tmp_path / "img_q", "--label", "3", "-n", "2") == 0
+    assert _gen(model_dir, tmp_path / "img_fp", "--label", "3", "-n", "2") == 0
+    quantized, full = _pixels(tmp_path / "img_q" / "grid.png"), _pixels(tmp_path / "img_fp" / "grid.png")
+    assert quantized.shape == full.shape and not np.array_equal(quantized, full)
