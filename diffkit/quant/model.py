@@ -85,6 +85,7 @@ class QuantizedModel(ModelMixin, ConfigMixin):
         if model_class is None or base_config is None or recipe is None:
             raise ValueError(f"QuantizedModel needs a diffusers model class (got {base_class!r}), its config and a recipe")
         self.model = _structure(model_class.from_config(base_config), recipe)
+        self._int8 = None  # the compiled int8 model, see use_int8_kernels
 
     @property
     def config(self):  # noqa: D102 - the wrapped model's, so pipelines read sample_size etc. as before
@@ -95,7 +96,29 @@ class QuantizedModel(ModelMixin, ConfigMixin):
         return self._internal_dict["recipe"]
 
     def forward(self, *args, **kwargs):
+        if self._int8 is not None:
+            from torch._inductor import config
+
+            with config.patch(freezing=True):  # weights become constants: what lets inductor prepack int8 kernels
+                return self._int8(*args, **kwargs)
         return self.model(*args, **kwargs)
+
+    def use_int8_kernels(self, enabled: bool = True, reduce_range: bool | None = None) -> "QuantizedModel":
+        """Run on oneDNN int8 kernels (x86 CPU) instead of the float simulation: the quantised layers become
+        quantize / dequantize ops and the model is compiled by torch.compile (inductor, freezing), which fuses
+        them into int8 convolutions and matmuls. The first call compiles (minutes on a small CPU).
+
+        ``reduce_range`` (default: when the CPU lacks VNNI) spreads inputs over 7 bits, see
+        ``QuantizedLayer.use_int8_graph``. Inference only (under ``torch.no_grad``).
+        """
+        if reduce_range is None:
+            reduce_range = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+        for module in self.model.modules():
+            if isinstance(module, QuantizedLayer):
+                module.use_int8_graph(enabled, reduce_range)
+        # kept out of the module tree, so state_dict and save_pretrained see each weight once
+        self.__dict__["_int8"] = torch.compile(self.model) if enabled else None
+        return self
 
     def __getattr__(self, name: str):
         try:
@@ -112,12 +135,13 @@ def quantize_model(
     method: str = "lp",
     split_shortcuts: bool = True,
     batch_size: int = 128,
+    samples_per_layer: int = SAMPLES_PER_LAYER,
     generator: torch.Generator | None = None,
 ) -> QuantizedModel:
     """Quantise a copy of a diffusers UNet on a calibration set; the original is left as it is.
 
     ``bits``: "w8a8" or "w4a8"; ``method``: "absmax", "percentile" or "lp" (PTQ4DM's p = 2.4 search)
-    for both weight and activation ranges.
+    for both weight and activation ranges, activation ranges from ``samples_per_layer`` observed input values.
     """
     if bits not in BIT_WIDTHS:
         raise ValueError(f"bits must be one of {sorted(BIT_WIDTHS)}, got {bits!r}")
@@ -147,7 +171,7 @@ def quantize_model(
     # activations: observe every layer's input over the calibration set (weights already quantised), keeping
     # a uniform random subset of values per layer, then choose each range
     observed = {name: [] for name in quantized}
-    per_batch = -(-SAMPLES_PER_LAYER // -(-len(calibration) // batch_size))  # ceil(total / number of batches)
+    per_batch = -(-samples_per_layer // -(-len(calibration) // batch_size))  # ceil(total / number of batches)
 
     def observe(name):
         def hook(module, args):

@@ -37,7 +37,7 @@ def quantize_symmetric(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch
 def weight_scales(weight: torch.Tensor, bits: int, method: str = "lp", p: float = LP_NORM) -> torch.Tensor:
     """One scale per output channel (dim 0) of a Conv/Linear weight, shape (C_out,)."""
     _check(bits, method)
-    w = weight.detach().flatten(1).double()
+    w = weight.detach().flatten(1).float()
     top = 2 ** (bits - 1) - 1
     absmax = w.abs().amax(1)
     if method == "absmax":
