@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=_positive_int, default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    gen.add_argument("--int8-kernels", action="store_true",
+                     help="run a quantised model (diffkit quantize) on oneDNN int8 kernels; compiles first (minutes)")
     gen.add_argument("--out", default="out", help="output folder")
     gen.add_argument("--overwrite", action="store_true", help="replace existing files")
     gen.add_argument("--no-progress", action="store_true")
@@ -263,6 +265,14 @@ def generate(args) -> None:
     _quiet_libraries()
     pipe = load_pipeline(args.model, revision=args.revision, dtype=DTYPES[args.dtype])
     _check_model(pipe, args)
+    if args.int8_kernels:
+        from .quant import QuantizedModel
+
+        if not isinstance(pipe.unet, QuantizedModel):
+            raise UsageError("--int8-kernels needs a quantised model (make one with `diffkit quantize`)")
+        if device.type != "cpu":
+            raise UsageError(f"--int8-kernels runs on x86 CPUs only, not on {device}")
+        pipe.unet.use_int8_kernels()
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     jobs = _image_jobs(args, pipe.num_classes)

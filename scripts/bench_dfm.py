@@ -15,8 +15,10 @@ ever sees a whole image), then whole digits sampled given the top-left crop of 1
 accuracy, FD against the held-out digits, seconds per image; against the regressor and against the default
 model (trained on full images) completing the same crop by DPS. Writes assets/bench_dfm.md and .png.
 
-    python scripts/bench_dfm.py            # about 30 minutes on 2 cores
-    python scripts/bench_dfm.py --quick    # about a minute
+    python scripts/bench_dfm.py                  # both halves, about an hour on 2 cores
+    python scripts/bench_dfm.py --part gp        # one half: assets/bench_dfm_gp.md
+    python scripts/bench_dfm.py --part images    # the other: assets/bench_dfm_images.md and .png
+    python scripts/bench_dfm.py --quick          # about a minute
 """
 
 import argparse
@@ -159,40 +161,46 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gp-steps", type=int, default=20000)
     parser.add_argument("--image-steps", type=int, default=3000)
+    parser.add_argument("--part", choices=["all", "gp", "images"], default="all",
+                        help="run one half alone (writes bench_dfm_gp.md or bench_dfm_images.md and .png)")
     parser.add_argument("--out", default="assets")
     args = parser.parse_args()
     torch.manual_seed(0)
     gp_steps, image_steps = (300, 30) if args.quick else (args.gp_steps, args.image_steps)
     signals, samples, contexts, images = (2000, 100, 2, 16) if args.quick else (20000, 500, 8, 100)
 
-    lines = [
-        f"GP world: {contexts} contexts x {samples} samples, generators trained {gp_steps} steps; exact posterior "
-        "sampled as the reference (its own Monte Carlo error).",
-        "",
-        "| world | method | coverage | mean RMSE / prior std | std ratio off context | std on context / prior | + mode share |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for world, bump in (("GP", 0.0), ("bimodal", 2.0)):
-        lines += gp_rows(world, bump, gp_steps, signals, samples, contexts)
-        print("\n".join(lines), flush=True)
-    rows, figure = image_rows(image_steps, images, args.quick)
-    lines += [
-        "",
-        f"Digits: {images} held-out digits completed from their top-left 10x10 crop; generators trained "
-        f"{image_steps} steps on crops.",
-        "",
-        "| method | accuracy | FD | s / image |",
-        "|---|---|---|---|",
-        *rows,
-    ]
-    table = "\n".join(lines) + "\n"
+    lines = []
+    if args.part in ("all", "gp"):
+        lines += [
+            f"GP world: {contexts} contexts x {samples} samples, generators trained {gp_steps} steps; exact posterior "
+            "sampled as the reference (its own Monte Carlo error).",
+            "",
+            "| world | method | coverage | mean RMSE / prior std | std ratio off context | std on context / prior | + mode share |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for world, bump in (("GP", 0.0), ("bimodal", 2.0)):
+            lines += gp_rows(world, bump, gp_steps, signals, samples, contexts)
+            print("\n".join(lines), flush=True)
+    figure = None
+    if args.part in ("all", "images"):
+        rows, figure = image_rows(image_steps, images, args.quick)
+        lines += [
+            "",
+            f"Digits: {images} held-out digits completed from their top-left 10x10 crop; generators trained "
+            f"{image_steps} steps on crops.",
+            "",
+            "| method | accuracy | FD | s / image |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    table = "\n".join(lines).strip() + "\n"
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out / f"bench_dfm{suffix}.md", table)
-    # rows: clean digits, the context crop, DFM, regressor, default model + DPS
-    save_png_atomic(figure, out / f"bench_dfm{suffix}.png")
+    name = "bench_dfm" + {"all": "", "gp": "_gp", "images": "_images"}[args.part] + ("_quick" if args.quick else "")
+    write_text_atomic(out / f"{name}.md", table)
+    if figure is not None:  # rows: clean digits, the context crop, DFM, regressor, default model + DPS
+        save_png_atomic(figure, out / f"{name}.png")
 
 
 if __name__ == "__main__":

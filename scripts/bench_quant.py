@@ -9,14 +9,14 @@ deterministic DDIM (eta = 0), CFG 3. Columns:
 - SQNR (dB) of the noise prediction against FP32's on FP32's own trajectory, averaged over the steps
   (per step in the figure);
 - serialized UNet bytes (safetensors);
-- CPU latency per image: median over interleaved runs of one batch of 100 images, same threads for all.
+- CPU latency per image: median over interleaved runs of one batch of 20 images, same threads for all.
 
 Rows named "simulated" run integer weights and ranges on float kernels (what the quality columns measure
 without backend effects). Two more rows run compiled by torch.compile (inductor, freezing): FP32, and W8A8
 NDTC on oneDNN int8 kernels (``QuantizedModel.use_int8_kernels``; 7-bit inputs on CPUs without VNNI). The
 quick mode leaves the compiled rows out (compiling takes minutes). Writes assets/bench_quant.md and .png.
 
-    python scripts/bench_quant.py            # 500 images per model, ~30 minutes on 2 cores
+    python scripts/bench_quant.py            # 300 images per model, ~25 minutes on 2 cores
     python scripts/bench_quant.py --quick    # about a minute
 """
 
@@ -32,8 +32,11 @@ import diffkit
 from diffkit.data import colored_digits
 from diffkit.images import image_grid, save_figure_atomic, to_pil, write_text_atomic
 from diffkit.metrics import class_accuracy, classifier_features, frechet_distance, psnr
-from diffkit.quant import build_calibration_set, quantize_model
+from diffkit.quant import build_calibration_set, calibration_run, quantize_model
 from diffkit.quant.calibration import record_network_inputs
+
+
+BATCH = 20  # images per pipeline call everywhere (40 network rows with CFG): compiled models see one shape
 
 
 def serialized_bytes(model) -> int:
@@ -46,7 +49,7 @@ def sample(pipe, unet, labels, steps, seed):
     pipe.register_modules(unet=unet)
     images = []
     generator = torch.Generator().manual_seed(seed)
-    for chunk in labels.split(100):  # one batch shape, so compiled models compile once
+    for chunk in labels.split(BATCH):  # one batch shape, so compiled models compile once
         images.append(pipe(class_labels=chunk.tolist(), num_inference_steps=steps, solver="ddim", generator=generator,
                            output_type="latent").images.clamp(-1, 1))
     return torch.cat(images)
@@ -98,7 +101,7 @@ def figure(sqnr: dict, grids: dict, path: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--n", type=int, default=1024, help="calibration set size")
     parser.add_argument("--calib-steps", type=int, default=50)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of the evaluation")
@@ -107,7 +110,7 @@ def main():
     parser.add_argument("--out", default="assets")
     args = parser.parse_args()
     if args.quick:
-        args.per_class, args.n, args.calib_steps, args.steps, args.latency_runs = 4, 64, 10, 10, 2
+        args.per_class, args.n, args.calib_steps, args.steps, args.latency_runs = 2, 64, 10, 10, 2
     samples_per_layer = 2**12 if args.quick else 2**16
     torch.manual_seed(args.seed)
 
@@ -117,9 +120,10 @@ def main():
     labels = torch.arange(10).repeat(args.per_class)
     policies = ("ndtc", "uniform", "naive")
     unets, quantize_seconds, ndtc = {"FP32": fp32}, {}, None
+    # one FP32 run, three selections from it: the policies differ only in which inputs they pick
+    recorded = calibration_run(pipe, args.n, num_inference_steps=args.calib_steps, generator=torch.Generator().manual_seed(args.seed))
     for policy in policies:
-        calib = build_calibration_set(pipe, args.n, policy, num_inference_steps=args.calib_steps,
-                                      generator=torch.Generator().manual_seed(args.seed))
+        calib = build_calibration_set(pipe, args.n, policy, recorded=recorded, generator=torch.Generator().manual_seed(args.seed))
         ndtc = calib if policy == "ndtc" else ndtc
         for bits in ("w8a8", "w4a8"):
             name = f"{bits.upper()} {policy} (simulated)"
@@ -134,9 +138,9 @@ def main():
                               generator=torch.Generator().manual_seed(args.seed))
         unets["W8A8 ndtc (int8 kernels)"] = int8.use_int8_kernels()
 
-    # FP32's own trajectory for the per-step SQNR: 100 images (20 in quick mode), every step
+    # FP32's own trajectory for the per-step SQNR: one batch, every step
     pipe.register_modules(unet=fp32)
-    calls = record_network_inputs(pipe, class_labels=labels[:100].tolist(), num_inference_steps=args.steps, solver="ddim",
+    calls = record_network_inputs(pipe, class_labels=labels[:BATCH].tolist(), num_inference_steps=args.steps, solver="ddim",
                                   output_type="latent", generator=torch.Generator().manual_seed(args.seed + 1))
     with torch.no_grad():
         reference = [(call, fp32(call["sample"], call["timestep"], **call["cond"], return_dict=False)[0]) for call in calls]
@@ -148,7 +152,7 @@ def main():
         images[name] = sample(pipe, unet, labels, args.steps, args.seed)
         if name not in ("FP32", "FP32 (compiled)"):
             sqnr[name] = sqnr_per_step(reference, unet)
-    latency = latency_per_image(pipe, unets, args.steps, min(len(labels), 100), args.latency_runs)
+    latency = latency_per_image(pipe, unets, args.steps, BATCH, args.latency_runs)
     pipe.register_modules(unet=fp32)
     fp_bytes = serialized_bytes(fp32)
     for name, unet in unets.items():

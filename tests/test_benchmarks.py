@@ -85,3 +85,16 @@ def test_bench_dfm_quick(tmp_path):
         assert 0.8 < ratio[world, "exact posterior"] < 1.2
     for name in ("bench_dfm_quick.md", "bench_dfm_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_quant_quick(tmp_path):
+    stdout = _run("bench_quant.py", tmp_path)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in _table_rows(stdout) if not r.startswith("| model")}
+    assert len(rows) == 7  # FP32 and two bit widths x three calibrations
+    size = lambda name: float(rows[name][4].split()[0])  # noqa: E731
+    for policy in ("ndtc", "uniform", "naive"):
+        w8, w4 = rows[f"W8A8 {policy} (simulated)"], rows[f"W4A8 {policy} (simulated)"]
+        assert float(w8[2]) > float(w4[2]) and float(w8[3]) > float(w4[3])  # more bits, less drift, higher SQNR
+        assert size(f"W4A8 {policy} (simulated)") < size(f"W8A8 {policy} (simulated)") < 0.3 * size("FP32")
+    for name in ("bench_quant_quick.md", "bench_quant_quick.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -81,25 +81,14 @@ def uniform_step_indices(n: int, num_steps: int, steps_used: int) -> torch.Tenso
     return steps.repeat_interleave(counts)
 
 
-def build_calibration_set(
-    pipe,
-    n: int = 1024,
-    policy: str = "ndtc",
-    *,
-    num_inference_steps: int = 50,
-    mu: float = 0.4,
-    sigma: float = 0.4,
-    steps_used: int = 25,
-    generator: torch.Generator | None = None,
-    **pipe_kwargs,
-) -> CalibrationSet:
-    """Run the full-precision pipeline (DDIM, deterministic) and select n network inputs by ``policy``.
+def calibration_run(pipe, n: int = 1024, *, num_inference_steps: int = 50, generator: torch.Generator | None = None,
+                    **pipe_kwargs) -> list[dict]:
+    """Run the full-precision pipeline (DDIM, deterministic) on enough images for n rows per step and return its
+    network inputs per call, ordered from the data end (index k = k-th step from the data end).
 
     ``pipe_kwargs`` go to the pipeline (e.g. ``prompt=[...]``, ``guidance_scale``); for a class-conditional
-    pipeline without them, random class labels are drawn. Enough trajectories are run for n rows.
+    pipeline without them, random class labels are drawn.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"calibration policy must be one of {POLICIES}, got {policy!r}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"calibration size n must be a positive integer, got {n!r}")
     generator = generator or torch.Generator().manual_seed(0)
@@ -110,8 +99,30 @@ def build_calibration_set(
         images = math.ceil(n / rows_per_image)
         pipe_kwargs["class_labels"] = torch.randint(pipe.num_classes, (images,), generator=generator).tolist()
     pipe_kwargs = {"solver": "ddim", "output_type": "latent", **pipe_kwargs}
-    calls = record_network_inputs(pipe, num_inference_steps=num_inference_steps, generator=generator, **pipe_kwargs)
-    calls = calls[::-1]  # index k counts from the data end
+    return record_network_inputs(pipe, num_inference_steps=num_inference_steps, generator=generator, **pipe_kwargs)[::-1]
+
+
+def build_calibration_set(
+    pipe,
+    n: int = 1024,
+    policy: str = "ndtc",
+    *,
+    num_inference_steps: int = 50,
+    mu: float = 0.4,
+    sigma: float = 0.4,
+    steps_used: int = 25,
+    recorded: list[dict] | None = None,
+    generator: torch.Generator | None = None,
+    **pipe_kwargs,
+) -> CalibrationSet:
+    """Select n network inputs by ``policy`` from a ``calibration_run`` of the pipeline (made here unless
+    ``recorded`` passes one, e.g. to compare policies on the same trajectories)."""
+    if policy not in POLICIES:
+        raise ValueError(f"calibration policy must be one of {POLICIES}, got {policy!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"calibration size n must be a positive integer, got {n!r}")
+    generator = generator or torch.Generator().manual_seed(0)
+    calls = recorded or calibration_run(pipe, n, num_inference_steps=num_inference_steps, generator=generator, **pipe_kwargs)
     steps, rows = len(calls), len(calls[0]["sample"])
 
     if policy == "naive":
