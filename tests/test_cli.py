@@ -207,5 +207,5 @@ def test_quantize_writes_a_loadable_model_that_generate_uses(model_dir, tmp_path
     quantized, full = _pixels(tmp_path / "img_q" / "grid.png"), _pixels(tmp_path / "img_fp" / "grid.png")
     assert quantized.shape == full.shape and not np.array_equal(quantized, full)
     capsys.readouterr()
-    assert _gen(model_dir, tmp_path / "img_bad", "--int8-kernels") == 2  # a float model has no int8 kernels
+    assert _gen(model_dir, tmp_path / "img_bad", "--label", "3", "--int8-kernels") == 2  # a float model has none
     assert "needs a quantised model" in capsys.readouterr().err
