@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import diffkit
+from diffkit import Denoiser, convert
 from diffkit.data import colored_digits
 from diffkit.images import image_grid, save_figure_atomic, to_pil, write_text_atomic
 from diffkit.metrics import class_accuracy, classifier_features, frechet_distance, psnr
@@ -56,11 +57,20 @@ def sample(pipe, unet, labels, steps, seed):
 
 
 @torch.no_grad()
-def sqnr_per_step(reference_calls, unet) -> list[float]:
+def noise_prediction(unet, scheduler, call) -> torch.Tensor:
+    """The network's prediction at a recorded call, converted to epsilon (the default model predicts v)."""
+    denoiser = Denoiser.from_pipeline_components(unet, scheduler)
+    x, t = call["sample"], call["timestep"][0]
+    raw = denoiser(x, t, call["cond"])
+    return convert(raw, denoiser.prediction_type, "epsilon", x, denoiser.schedule.alpha(t).float(), denoiser.schedule.sigma(t).float())
+
+
+@torch.no_grad()
+def sqnr_per_step(reference, unet, scheduler) -> list[float]:
     """10 log10(|eps_fp|^2 / |eps_q - eps_fp|^2) at every step of FP32's recorded trajectory."""
     out = []
-    for call, eps in reference_calls:
-        pred = unet(call["sample"], call["timestep"], **call["cond"], return_dict=False)[0]
+    for call, eps in reference:
+        pred = noise_prediction(unet, scheduler, call)
         out.append(10 * torch.log10(eps.pow(2).sum() / (pred - eps).pow(2).sum()).item())
     return out
 
@@ -143,7 +153,7 @@ def main():
     calls = record_network_inputs(pipe, class_labels=labels[:BATCH].tolist(), num_inference_steps=args.steps, solver="ddim",
                                   output_type="latent", generator=torch.Generator().manual_seed(args.seed + 1))
     with torch.no_grad():
-        reference = [(call, fp32(call["sample"], call["timestep"], **call["cond"], return_dict=False)[0]) for call in calls]
+        reference = [(call, noise_prediction(fp32, pipe.scheduler, call)) for call in calls]
 
     test = colored_digits("test", seed=1)[0]
     test_features = classifier_features(test)
@@ -151,7 +161,7 @@ def main():
     for name, unet in unets.items():
         images[name] = sample(pipe, unet, labels, args.steps, args.seed)
         if name not in ("FP32", "FP32 (compiled)"):
-            sqnr[name] = sqnr_per_step(reference, unet)
+            sqnr[name] = sqnr_per_step(reference, unet, pipe.scheduler)
     latency = latency_per_image(pipe, unets, args.steps, BATCH, args.latency_runs)
     pipe.register_modules(unet=fp32)
     fp_bytes = serialized_bytes(fp32)

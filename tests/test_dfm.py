@@ -8,8 +8,8 @@ from diffusers import DDIMScheduler
 
 from diffkit import NoiseSchedule, make_timesteps
 from diffkit.dfm import (
-    CropView, GaussianProcessSignals, MaskView, SignalMLP, WindowView, dfm_loss, merge_lifted, observe, sample_signal,
-    train_dfm,
+    CropView, GaussianProcessSignals, MaskView, SignalMLP, WindowView, dfm_loss, merge_lifted, observe, regress_signal,
+    sample_signal, train_dfm,
 )
 
 
@@ -160,3 +160,43 @@ def test_training_lowers_the_loss():
     model, losses = train_dfm(SignalMLP(1, 16, 64, 2), forward_model, schedule, observations, views, steps=300,
                               batch_size=64, ema_decay=None, progress=False)
     assert sum(losses[-50:]) / 50 < 0.8 * sum(losses[:50]) / 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bump", [0.0, 2.0])
+def test_trained_dfm_samples_the_gp_posterior(bump):
+    """Trained from windows alone (10,000 steps, ~2 minutes), DFM given the first window samples p(S | window):
+    mean near the posterior mean, spread near the posterior's off the window and ~0 on it, and in the bimodal
+    world both signs of the bump. The regressor trained by the same loss has no spread."""
+    length, width, samples = 32, 12, 300
+    gp = GaussianProcessSignals(length, 4.0, bump=bump, bump_width=10)
+    forward_model = WindowView(length, width)
+    schedule, config = schedule_and_config()
+    g = torch.Generator().manual_seed(0)
+    observations, views = observe(forward_model, gp.sample(20000, g)[0], 5, g)
+    train = lambda mode: train_dfm(SignalMLP(1, length, 256, 3), forward_model, schedule, observations, views,  # noqa: E731
+                                   steps=10000, batch_size=256, max_context=2, mode=mode, seed=0, progress=False)[0]
+    dfm, regressor = train("dfm"), train("regression")
+    timesteps = make_timesteps(schedule, "ddim", 50, config)
+    context_view, targets = torch.zeros(samples, dtype=torch.long), [torch.full((samples,), 10), torch.full((samples,), 20)]
+    prior_std, off = gp.prior_std(), torch.arange(length) >= width
+    rmse, ratio, on, plus = [], [], [], []
+    for c, truth in enumerate(gp.sample(4, torch.Generator().manual_seed(100))[0]):
+        context = [(forward_model(truth[None].expand(samples, -1, -1), context_view), context_view)]
+        weights, means, cov = gp.posterior(truth[0, :width], torch.arange(width))
+        mean = (weights[:, None] * means).sum(0)
+        std = (cov.diagonal() + (weights[:, None] * (means - mean) ** 2).sum(0)).sqrt()
+        with torch.no_grad():
+            s = sample_signal(dfm, forward_model, schedule, context, targets, timesteps,
+                              generator=torch.Generator().manual_seed(c))[0][:, 0].double()
+            regressed = regress_signal(regressor, forward_model, schedule, context, targets[0])[:, 0]
+        rmse.append(((s.mean(0) - mean) ** 2).mean().sqrt() / prior_std.mean())
+        ratio.append((s.std(0) / std)[off].median())
+        on.append((s.std(0)[:width] / prior_std[:width]).mean())
+        plus.append((((s - (means[0] + means[1]) / 2) @ gp.bump) > 0).double().mean())
+        assert regressed.std(0).max() < 1e-5
+    assert torch.stack(rmse).mean() < 0.5
+    assert 0.7 < torch.stack(ratio).mean() < 1.3
+    assert torch.stack(on).mean() < 0.2
+    if bump:
+        assert 0.3 < torch.stack(plus).mean() < 0.7

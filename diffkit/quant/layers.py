@@ -53,7 +53,7 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("input_zero_point", torch.zeros(()))
         self.bias = None if layer.bias is None else nn.Parameter(torch.zeros_like(layer.bias, device="cpu"))
         self.quantize_input = act_bits is not None  # also off while the input ranges are being observed
-        self.int8_graph = None  # (input scale, zero point) as Python numbers when traced for an int8 backend
+        self.int8_graph = None  # (input scale, zero point, top level) as Python numbers, see use_int8_graph
 
     @classmethod
     def from_float(cls, layer: nn.Conv2d | nn.Linear, weight_bits: int, act_bits: int | None, method: str = "lp"):
