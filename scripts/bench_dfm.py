@@ -11,7 +11,7 @@ median), std on the context window / prior std, and for the bimodal world the sh
 (exact: 0.5). DFM samples the target windows 12-23 and 20-31 in turn; "1 view" samples only the first.
 
 Digits: a UNet generator trained on 10x10 crops of the 4,500 training digits (4 crops each; no loss term
-ever sees a whole image), then whole digits sampled given the top-left crop of 100 held-out digits: class
+ever sees a whole image), then whole digits sampled given the top-left crop of 100 held-out digits (10 per class): class
 accuracy, FD against the held-out digits, seconds per image; against the regressor and against the default
 model (trained on full images) completing the same crop by DPS. Writes assets/bench_dfm.md and .png.
 
@@ -126,7 +126,9 @@ def image_rows(steps: int, images: int, quick: bool):
         for mode in ("dfm", "regression")
     }
     test, labels = colored_digits("test")
-    x, labels = test[:images], labels[:images]
+    # the same number of each class (the held-out set is ordered by class)
+    pick = torch.cat([torch.nonzero(labels == c)[: max(1, images // 10), 0] for c in range(10)])[:images]
+    x, labels, images = test[pick], labels[pick], len(pick)
     view = torch.zeros(images, 2, dtype=torch.long)
     context = [(fm(x, view), view)]
     timesteps = make_timesteps(schedule, "ddim", 10 if quick else 50, scheduler.config)
@@ -167,7 +169,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     gp_steps, image_steps = (300, 30) if args.quick else (args.gp_steps, args.image_steps)
-    signals, samples, contexts, images = (2000, 100, 2, 16) if args.quick else (20000, 500, 8, 100)
+    signals, samples, contexts, images = (2000, 100, 2, 20) if args.quick else (20000, 500, 8, 100)
 
     lines = []
     if args.part in ("all", "gp"):
