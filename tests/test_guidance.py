@@ -86,7 +86,9 @@ def test_pipeline_apg_reduces_to_cfg_for_every_solver(solver):
     apg = pipe(**kw, latents=torch.ones(2, 3, 8, 8), guidance="apg", guidance_kwargs={"eta": 1.0}).images
     default_apg = pipe(**kw, latents=torch.ones(2, 3, 8, 8), guidance="apg", guidance_kwargs={"norm_threshold": 0.1}).images
     scale = cfg.abs().max().item()
-    assert (cfg - apg).abs().max() <= 1e-5 * scale and (cfg - default_apg).abs().max() > 1e-2 * scale
+    # equal up to float rounding, which Heun's first step (sigma ~ 2e4 on this schedule) amplifies to ~1e-5
+    # relative with 2 threads on some CPUs; a real difference (default APG) is > 1e-2
+    assert (cfg - apg).abs().max() <= 1e-4 * scale and (cfg - default_apg).abs().max() > 1e-2 * scale
 
 
 def test_guidance_interval_skips_the_unconditional_pass_outside():
