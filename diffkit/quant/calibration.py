@@ -141,7 +141,8 @@ def build_calibration_set(
         row = torch.cat([torch.randperm(rows, generator=generator)[: int(c)] for c in torch.bincount(step_index) if c])
         if len(row) < n:
             raise ValueError(f"uniform calibration needs at least {n // steps_used + 1} rows per step; run more images")
-    pick = lambda key: torch.stack([calls[k][key][r] for k, r in zip(step_index.tolist(), row.tolist())])  # noqa: E731
-    cond = {name: torch.stack([calls[k]["cond"][name][r] for k, r in zip(step_index.tolist(), row.tolist())])
-            for name in calls[0]["cond"]}
-    return CalibrationSet(pick("sample"), pick("timestep"), cond, step_index, steps)
+    pairs = list(zip(step_index.tolist(), row.tolist()))  # (step from the data end, row of that call)
+    sample = torch.stack([calls[k]["sample"][r] for k, r in pairs])
+    timestep = torch.stack([calls[k]["timestep"][r] for k, r in pairs])
+    cond = {name: torch.stack([calls[k]["cond"][name][r] for k, r in pairs]) for name in calls[0]["cond"]}
+    return CalibrationSet(sample, timestep, cond, step_index, steps)
