@@ -3,11 +3,12 @@
 from .adjoint import AdjointDPMPipeline
 from .forward_model import ForwardModelPipeline, ForwardModelPipelineOutput
 from .guided import GuidedPipeline, GuidedPipelineOutput
+from .modality_blend import ModalityBlendPipeline
 from .red_diff import RedDiffPipeline
 
 
 # _class_name in model_index.json -> class, for diffkit.load_pipeline
 PIPELINES = {"GuidedPipeline": GuidedPipeline, "AdjointDPMPipeline": AdjointDPMPipeline, "RedDiffPipeline": RedDiffPipeline,
-             "ForwardModelPipeline": ForwardModelPipeline}
+             "ForwardModelPipeline": ForwardModelPipeline, "ModalityBlendPipeline": ModalityBlendPipeline}
 
-__all__ = ["AdjointDPMPipeline", "ForwardModelPipeline", "ForwardModelPipelineOutput", "GuidedPipeline", "GuidedPipelineOutput", "PIPELINES", "RedDiffPipeline"]
+__all__ = ["AdjointDPMPipeline", "ForwardModelPipeline", "ForwardModelPipelineOutput", "GuidedPipeline", "GuidedPipelineOutput", "ModalityBlendPipeline", "PIPELINES", "RedDiffPipeline"]

@@ -1,0 +1,11 @@
+"""Modality blending (MaGIC, Yu et al., ICLR 2024): image completion guided by any set of modalities."""
+
+from .adapters import DEFAULT_ADAPTERS, adapter_features, adapter_for, load_adapters
+from .cmb import MODES, Completion, Modality, blend_loss, blend_update, complete
+from .features import encoder_features, injected
+from .modalities import MODALITIES, edges, extract, ink_mask, low_resolution
+
+
+__all__ = ["DEFAULT_ADAPTERS", "MODALITIES", "MODES", "Completion", "Modality", "adapter_features", "adapter_for",
+           "blend_loss", "blend_update", "complete", "edges", "encoder_features", "extract", "injected", "ink_mask",
+           "load_adapters", "low_resolution"]

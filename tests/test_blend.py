@@ -1,0 +1,210 @@
+"""Modality blending (diffkit.blend, ModalityBlendPipeline) on the embedded default model."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, MultiAdapter, UNet2DConditionModel
+
+import diffkit
+from diffkit.blend import (Modality, adapter_for, blend_loss, blend_update, complete, encoder_features, extract,
+                           injected)
+from diffkit.data import colored_digits
+from diffkit.denoiser import Denoiser
+from diffkit.pipelines import ModalityBlendPipeline
+from diffkit.solvers import get_solver, make_timesteps
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = ModalityBlendPipeline.from_pipe(diffkit.load_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    for seed, name in enumerate(["edges", "ink_mask"]):
+        torch.manual_seed(seed)  # untrained adapters: the properties below hold for any adapter
+        pipe.adapters[name] = adapter_for(pipe.unet).eval()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, _ = colored_digits("test")
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:] = 1  # fill the bottom half
+    return images[::100][:4], mask
+
+
+def _controls(images, names=("edges", "ink_mask")):
+    return {name: extract(name, images) for name in names}
+
+
+def test_modalities_are_images_of_the_digit(digits):
+    images, _ = digits
+    for name in ("edges", "low_resolution", "ink_mask"):
+        control = extract(name, images)
+        assert control.shape == images.shape and control.min() >= -1 and control.max() <= 1
+    ink = extract("ink_mask", images)
+    assert set(ink.unique().tolist()) == {-1.0, 1.0}
+    # the low-resolution image keeps each 4x4 cell's mean colour
+    low = extract("low_resolution", images)
+    assert torch.allclose(low[..., :4, :4].mean(dim=(-1, -2)), images[..., :4, :4].mean(dim=(-1, -2)), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown modality"):
+        extract("depth", images)
+
+
+def test_injection_matches_diffusers_intrablock_residuals():
+    """The hooks add adapter features where UNet2DConditionModel adds down_intrablock_additional_residuals."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    x, t, text = torch.randn(2, 3, 8, 8), torch.tensor(500.0), torch.randn(2, 4, 8)
+    feats = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
+    with torch.no_grad():
+        native = unet(x, t, text, down_intrablock_additional_residuals=[f.clone() for f in feats]).sample
+        with injected(unet, feats):
+            hooked = unet(x, t, text).sample
+        plain = unet(x, t, text).sample
+    assert torch.allclose(hooked, native, atol=1e-6)
+    assert (hooked - plain).abs().max() > 1e-2
+
+
+def test_encoder_features_are_the_skip_tensors(pipe):
+    """conv_in plus every down-block output; adapter features change everything after the first resnet."""
+    x, t, cond = torch.randn(2, 3, 16, 16), torch.tensor(400.0), {"class_labels": torch.tensor([10, 10])}
+    denoiser = Denoiser.from_pipeline_components(pipe.unet, pipe.scheduler)
+    with torch.no_grad():
+        plain = encoder_features(pipe.unet, lambda: denoiser(x, t, cond))
+        with injected(pipe.unet, pipe.adapters["edges"](torch.randn(2, 3, 16, 16))):
+            guided = encoder_features(pipe.unet, lambda: denoiser(x, t, cond))
+    assert len(plain) == 1 + 3 + 3 + 2  # conv_in, 2 resnets + downsampler, 2 resnets + downsampler, 2 resnets
+    assert all(torch.equal(a, b) for a, b in zip(plain[:2], guided[:2]))
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(plain[2:], guided[2:]))
+
+
+def _diffusers_repaint(pipe, known, mask, noise, n):
+    """Plain completion as diffusers' inpainting pipelines run a UNet without mask channels: scheduler steps,
+    then the known region replaced by the known image noised to the next timestep with the starting noise."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(n)
+    labels = torch.full((len(known),), pipe.num_classes)
+    x = noise
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(pipe.unet(x, t, class_labels=labels).sample, t, x).prev_sample
+        known_t = scheduler.add_noise(known, noise, scheduler.timesteps[i + 1:i + 2]) if i + 1 < n else known
+        x = mask * x + (1 - mask) * known_t
+    return x
+
+
+def test_plain_completion_matches_diffusers_repaint(pipe, digits):
+    images, mask = digits
+    # DDIM with trailing spacing: the step it takes is the one its timestep array holds ("linspace" is not)
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False)
+    pipe = ModalityBlendPipeline.from_pipe(pipe, scheduler=ddim)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _diffusers_repaint(pipe, images, mask, noise, 10)
+    ours = pipe(images, mask, num_inference_steps=10, latents=noise, output_type="latent").images
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_p0_reproduces_plain_completion_exactly(pipe, digits):
+    images, mask = digits
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(num_inference_steps=10, latents=noise, output_type="latent")
+    plain = pipe(images, mask, **kwargs).images
+    p0 = pipe(images, mask, control_images=_controls(images), blend="cmb", blend_steps=0, **kwargs).images
+    assert torch.equal(plain, p0)
+    blended = pipe(images, mask, control_images=_controls(images), blend="cmb", blend_steps=4, **kwargs).images
+    assert (blended - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("blend", ["cmb", "sum"])
+def test_known_region_is_preserved(pipe, digits, blend):
+    images, mask = digits
+    out = pipe(images, mask, control_images=_controls(images), blend=blend, num_inference_steps=8, blend_steps=4,
+               generator=torch.manual_seed(2), output_type="latent").images
+    assert torch.isfinite(out).all()
+    assert torch.equal(out * (1 - mask), images * (1 - mask))
+
+
+def test_blend_loss_falls_over_the_gradient_steps(pipe):
+    """Q steps of size sigma_t^2 (capped) on the CMB loss lower it; the loss is 0 at the targets' own latent."""
+    denoiser = Denoiser.from_pipeline_components(pipe.unet, pipe.scheduler)
+    gen = torch.Generator().manual_seed(3)
+    z, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor(600.0)
+    cond, uncond = {"class_labels": torch.tensor([3, 5])}, {"class_labels": torch.tensor([10, 10])}
+    branch = z + 0.3 * torch.randn(z.shape, generator=gen)
+    with torch.no_grad():
+        targets = []
+        for name in ("edges", "ink_mask"):
+            feats = pipe.adapters[name](torch.randn(2, 3, 16, 16, generator=gen))
+            with injected(pipe.unet, feats):
+                xx, cc = torch.cat([branch, branch]), {"class_labels": torch.cat([cond["class_labels"], uncond["class_labels"]])}
+                targets.append(encoder_features(pipe.unet, lambda: denoiser(xx, t, cc)))
+    alpha, sigma = denoiser.schedule.alpha(t).item(), denoiser.schedule.sigma(t).item()
+    eta = min((sigma / alpha) ** 2, 10.0)
+    z_new, losses = blend_update(denoiser, z, t, eta, targets, 6, cond, uncond)
+    final = blend_loss(denoiser, z_new, t, targets, cond, uncond).sum().item()
+    losses.append(final)
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert final < 0.9 * losses[0]
+    # per-sample: a batch of one gives the same loss as its row in the batch
+    one = blend_loss(denoiser, z[:1], t, [[f.view(2, 2, *f.shape[1:])[:, :1].flatten(0, 1) for f in tg] for tg in targets],
+                     {"class_labels": cond["class_labels"][:1]}, {"class_labels": uncond["class_labels"][:1]})
+    assert torch.allclose(one, blend_loss(denoiser, z, t, targets, cond, uncond)[:1], rtol=1e-5)
+
+
+def test_summed_features_match_diffusers_multiadapter(pipe, digits):
+    """blend="sum" is MultiAdapter's weighted sum of features added to the encoder."""
+    images, mask = digits
+    controls, scales = _controls(images), {"edges": 0.7, "ink_mask": 1.3}
+    multi = MultiAdapter([pipe.adapters["edges"], pipe.adapters["ink_mask"]])
+    with torch.no_grad():
+        summed = multi([controls["edges"], controls["ink_mask"]], adapter_weights=[0.7, 1.3])
+    denoiser = Denoiser.from_pipeline_components(pipe.unet, pipe.scheduler)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(4))
+    timesteps = make_timesteps(denoiser.schedule, "ddim", 6, pipe.scheduler.config)
+    cond = {"class_labels": torch.full((4,), 10)}
+    with torch.no_grad(), injected(pipe.unet, summed):
+        ref = complete(denoiser, get_solver("ddim").fn, noise, timesteps, images, mask, cond=cond).sample
+    ours = pipe(images, mask, control_images=controls, adapter_conditioning_scale=scales, blend="sum",
+                num_inference_steps=6, latents=noise, output_type="latent").images
+    assert (ours - ref).abs().max() < 1e-5
+
+
+def test_a_new_modality_plugs_in_without_code_changes(pipe, digits, tmp_path):
+    """A user's modality (here one-channel: the top row of pixels repeated down) with its own adapter, saved and
+    loaded like the shipped ones, joins a blend beside a built-in modality."""
+    images, mask = digits
+    torch.manual_seed(7)
+    adapter_for(pipe.unet, in_channels=1).save_pretrained(tmp_path / "first_row")
+    user = ModalityBlendPipeline.from_pipe(pipe)
+    user.set_progress_bar_config(disable=True)
+    user.adapters = dict(pipe.adapters)
+    user.load_adapters(tmp_path)
+    first_row = images.mean(dim=1, keepdim=True)[..., :1, :].expand(-1, -1, 16, -1)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(5))
+    kwargs = dict(num_inference_steps=8, blend_steps=4, latents=noise, output_type="latent")
+    both = user(images, mask, control_images={"edges": extract("edges", images), "first_row": first_row}, **kwargs).images
+    edges_only = user(images, mask, control_images={"edges": extract("edges", images)}, **kwargs).images
+    assert torch.isfinite(both).all() and (both - edges_only).abs().max() > 1e-2
+    assert user.blend_losses.shape == (4, 5)
+
+
+def test_pipeline_rejects_bad_input(pipe, digits):
+    images, mask = digits
+    with pytest.raises(ValueError, match="no adapter for modalities"):
+        pipe(images, mask, control_images={"depth": images})
+    with pytest.raises(ValueError, match="blend must be one of"):
+        pipe(images, mask, blend="average")
+    with pytest.raises(ValueError, match="mask_image must hold only 0"):
+        pipe(images, mask * 0.5)
+    with pytest.raises(ValueError, match="image must have shape"):
+        pipe(images[:, :, :8], mask)
+    with pytest.raises(ValueError, match="blend_steps must be in"):
+        pipe(images, mask, control_images=_controls(images), num_inference_steps=5, blend_steps=9)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe(images * float("nan"), mask)
+    with pytest.raises(ValueError, match="adapter_conditioning_scale names"):
+        pipe(images, mask, control_images=_controls(images, ["edges"]), adapter_conditioning_scale={"ink_mask": 1.0})
