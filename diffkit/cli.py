@@ -109,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--out", required=True, help="output pipeline folder")
     qua.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
+    com = sub.add_parser("complete", help="fill the masked part of an image, guided by modalities (MaGIC)", formatter_class=fmt)
+    com.add_argument("image", help="the image to complete (its masked part is ignored)")
+    where = com.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mask", default=None, help="mask image: white = fill, black = keep")
+    where.add_argument("--mask-half", choices=["top", "bottom", "left", "right"], default=None, help="fill this half")
+    com.add_argument("--control", action="append", default=[], metavar="MODALITY=FILE", help="a control image, e.g. edges=e.png")
+    com.add_argument("--control-from-image", action="append", default=[], metavar="MODALITY",
+                     help="compute this built-in modality (edges, low_resolution, ink_mask) from IMAGE itself (demos)")
+    com.add_argument("--strength", action="append", default=[], metavar="MODALITY=VALUE", help="a modality's strength (default 1)")
+    com.add_argument("--blend", choices=["cmb", "sum"], default="cmb", help="consistent modality blending or summed features")
+    com.add_argument("--blend-steps", type=int, default=None, help="P (default 60%% of the steps)")
+    com.add_argument("--blend-iterations", type=int, default=5, help="Q")
+    com.add_argument("--steps", type=_positive_int, default=50)
+    com.add_argument("--solver", choices=sorted(SOLVERS), default="ddim")
+    com.add_argument("--label", type=int, default=None, help="condition on a class (default: unconditional)")
+    com.add_argument("--adapters", default=None, help="adapter folder (default: those shipped for the default model)")
+    com.add_argument("--model", default=None, help="pipeline folder or Hub repo id (default: the embedded model)")
+    com.add_argument("--seed", type=int, default=0)
+    com.add_argument("--out", required=True, help="output PNG file")
+    com.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     sub.add_parser("env", help="print versions and devices")
     return parser
 
@@ -378,6 +399,70 @@ def env() -> None:
     print(f"mps: {torch.backends.mps.is_available()}")
 
 
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UsageError(f"{option} takes MODALITY=VALUE, got {item!r}")
+        pairs[name] = value
+    return pairs
+
+
+def _read_tensor(path: str, mode: str = "RGB") -> torch.Tensor:
+    """An image file as a (1, C, H, W) tensor in [-1, 1] (masks: mode "L", in [0, 1])."""
+    import numpy as np
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as file:
+            pixels = np.asarray(file.convert(mode), dtype=np.float32) / 255
+    except (OSError, PIL.UnidentifiedImageError) as err:
+        raise UsageError(f"cannot read image {path!r}: {err}") from None
+    tensor = torch.from_numpy(pixels).reshape(*pixels.shape[:2], -1).permute(2, 0, 1)[None]
+    return tensor.round() if mode == "L" else tensor * 2 - 1
+
+
+def complete(args) -> None:
+    from .blend import extract
+    from .hub import load_pipeline
+    from .pipelines import ModalityBlendPipeline
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite")
+    image = _read_tensor(args.image)
+    controls = {name: _read_tensor(path) for name, path in _pairs(args.control, "--control").items()}
+    controls.update({name: extract(name, image) for name in args.control_from_image})
+    strengths = {name: float(value) for name, value in _pairs(args.strength, "--strength").items()}
+    if args.mask is not None:
+        mask = _read_tensor(args.mask, "L")
+    else:
+        mask = torch.zeros(1, 1, *image.shape[-2:])
+        h, w = image.shape[-2] // 2, image.shape[-1] // 2
+        region = {"top": (slice(None, h), slice(None)), "bottom": (slice(h, None), slice(None)),
+                  "left": (slice(None), slice(None, w)), "right": (slice(None), slice(w, None))}[args.mask_half]
+        mask[(..., *region)] = 1
+    _quiet_libraries()
+    pipe = ModalityBlendPipeline.from_pipe(load_pipeline(args.model))
+    pipe.set_progress_bar_config(desc=f"complete ({args.blend})")
+    if controls:
+        pipe.load_adapters(args.adapters, names=sorted(controls))
+    completed = pipe(
+        image, mask, control_images=controls, adapter_conditioning_scale=strengths or 1.0, blend=args.blend,
+        blend_steps=args.blend_steps, blend_iterations=args.blend_iterations, num_inference_steps=args.steps,
+        solver=args.solver, class_labels=args.label, generator=torch.Generator().manual_seed(args.seed), output_type="pil",
+    ).images[0]
+    record = {k: v for k, v in vars(args).items() if k not in ("command", "overwrite")}
+    parameters = (f"Blend: {args.blend}, Modalities: {','.join(sorted(controls)) or 'none'}, Steps: {args.steps}, "
+                  f"Sampler: {args.solver}, Seed: {args.seed}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png_atomic(completed, out, {"parameters": parameters, "diffkit": json.dumps({**record, "versions": _versions()})})
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
@@ -389,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             restore(args)
         elif args.command == "quantize":
             quantize(args)
+        elif args.command == "complete":
+            complete(args)
         else:
             generate(args)
     except (ValueError, TypeError, OSError, RuntimeError, SafetensorError) as err:

@@ -1,5 +1,7 @@
 """Modality blending (diffkit.blend, ModalityBlendPipeline) on the embedded default model."""
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler, MultiAdapter, UNet2DConditionModel
@@ -208,3 +210,24 @@ def test_pipeline_rejects_bad_input(pipe, digits):
         pipe(images * float("nan"), mask)
     with pytest.raises(ValueError, match="adapter_conditioning_scale names"):
         pipe(images, mask, control_images=_controls(images, ["edges"]), adapter_conditioning_scale={"ink_mask": 1.0})
+
+
+def test_cli_complete_keeps_the_known_half_and_refuses_to_overwrite(pipe, digits, tmp_path, capsys):
+    from diffkit.cli import main
+    from diffkit.images import to_pil
+
+    images, _ = digits
+    pipe.adapters["edges"].save_pretrained(tmp_path / "adapters" / "edges")
+    to_pil(images[:1])[0].save(tmp_path / "digit.png")
+    args = [str(tmp_path / "digit.png"), "--mask-half", "bottom", "--control-from-image", "edges", "--adapters",
+            str(tmp_path / "adapters"), "--steps", "4", "--blend-steps", "2", "--out", str(tmp_path / "out.png")]
+    assert main(["complete", *args]) == 0
+    with PIL.Image.open(tmp_path / "out.png") as out, PIL.Image.open(tmp_path / "digit.png") as src:
+        assert "Blend: cmb, Modalities: edges" in out.text["parameters"]
+        done, given = np.asarray(out.convert("RGB")), np.asarray(src.convert("RGB"))
+    assert (done[:8] == given[:8]).all() and (done[8:] != given[8:]).any()
+    capsys.readouterr()
+    assert main(["complete", *args]) == 2  # exists: kept
+    assert main(["complete", *args[:-2], "--control", "edges", "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "exists" in err[0] and "MODALITY=VALUE" in err[1]
