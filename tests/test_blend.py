@@ -110,10 +110,12 @@ def test_plain_completion_matches_diffusers_repaint(pipe, digits):
     assert (ours - ref).abs().max() < 1e-4
 
 
-def test_p0_reproduces_plain_completion_exactly(pipe, digits):
+@pytest.mark.parametrize("solver,guidance", [("ddim", None), ("dpmpp_2m", "cfg"), ("heun", "apg")])
+def test_p0_reproduces_plain_completion_exactly(pipe, digits, solver, guidance):
     images, mask = digits
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
-    kwargs = dict(num_inference_steps=10, latents=noise, output_type="latent")
+    kwargs = dict(num_inference_steps=10, latents=noise, output_type="latent", solver=solver, guidance=guidance,
+                  guidance_scale=3.0, class_labels=[1, 3, 5, 7])
     plain = pipe(images, mask, **kwargs).images
     p0 = pipe(images, mask, control_images=_controls(images), blend="cmb", blend_steps=0, **kwargs).images
     assert torch.equal(plain, p0)
