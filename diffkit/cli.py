@@ -1,4 +1,4 @@
-"""The ``diffkit`` command: ``diffkit generate``, ``diffkit restore``, ``diffkit quantize`` and ``diffkit env``.
+"""The ``diffkit`` command: ``diffkit generate``, ``restore``, ``quantize``, ``complete``, ``harness`` and ``env``.
 
 Errors in what the user asked for print one line (``error: ...``) on stderr and exit with status 2.
 Under ``accelerate launch`` the images are split across processes.
@@ -130,8 +130,37 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--out", required=True, help="output PNG file")
     com.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
+    har = sub.add_parser("harness", help="train and evaluate classifier-side methods from experiment cards")
+    har_sub = har.add_subparsers(dest="harness_command", required=True, parser_class=_Parser)
+    hrun = har_sub.add_parser("run", help="run a card: one JSON line per (method, seed)", formatter_class=fmt)
+    hrun.add_argument("card", help="experiment card (.json or .toml), e.g. cards/elr.json")
+    hrun.add_argument("--seeds", type=_seeds, default=None, help="comma list, e.g. 0,1,2 (default: the card's)")
+    hrun.add_argument("--methods", type=_names, default=None, help="comma list (default: all of the card's)")
+    hrun.add_argument("--results", default="docs/harness_results.jsonl", help="results file to append to")
+    hrun.add_argument("--no-progress", action="store_true")
+    hrep = har_sub.add_parser("report", help="aggregate a results file into markdown tables", formatter_class=fmt)
+    hrep.add_argument("--results", default="docs/harness_results.jsonl")
+    hrep.add_argument("--out", default="docs/harness_results.md")
+
     sub.add_parser("env", help="print versions and devices")
     return parser
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        seeds = None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers >= 0 like 0,1,2, got {text!r}")
+    return seeds
+
+
+def _names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be a comma list of names like ce,elr, got {text!r}")
+    return names
 
 
 def _check_args(args) -> None:
@@ -463,6 +492,29 @@ def complete(args) -> None:
     print(f"wrote {out}")
 
 
+def harness(args) -> None:
+    from .harness import append_results, load_card, run_method, write_report
+
+    if args.harness_command == "report":
+        write_report(args.results, args.out)
+        print(f"wrote {args.out}")
+        return
+    from accelerate import Accelerator
+
+    card = load_card(args.card)
+    for method in args.methods or []:
+        if method not in card["methods"]:
+            raise UsageError(f"--methods: {method!r} is not a method of {card['name']}; allowed: {', '.join(card['methods'])}")
+    accelerator = Accelerator()
+    for seed in args.seeds or card["seeds"]:
+        for method in args.methods or list(card["methods"]):
+            record = run_method(card, method, seed, accelerator, progress=not args.no_progress)
+            if accelerator.is_main_process:  # every process computed the same metrics; one writes them
+                append_results(args.results, [record])
+                metrics = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
+                print(f"{card['name']} {method} seed {seed}: {metrics} ({record['wall_s']:.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
@@ -476,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             quantize(args)
         elif args.command == "complete":
             complete(args)
+        elif args.command == "harness":
+            harness(args)
         else:
             generate(args)
     except (ValueError, TypeError, OSError, RuntimeError, SafetensorError) as err:

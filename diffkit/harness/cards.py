@@ -1,0 +1,130 @@
+"""Experiment cards: one JSON or TOML file per paper saying what to train (data, model, method, baseline,
+budget, seeds), what to measure and what the paper leads us to expect.
+
+A card's top-level ``data``, ``model``, ``optimizer``, ``loss``, ``algorithm`` and ``budget`` sections are the
+shared setting; each entry of ``methods`` overrides some of them (section by section, key by key), so a method
+is the baseline plus exactly what the paper changes. ``validate_card`` resolves every method against the
+registries, so a card with a typo fails before it trains.
+"""
+
+import copy
+import json
+import tomllib
+from pathlib import Path
+
+from .diffgrad import FUNCTIONS_1D
+from .registry import ALGORITHMS, DATA_METHODS, DATASETS, LAYERS, LOSSES, MODELS, OPTIMIZERS
+
+
+TASKS = ("classify", "function_1d")
+SECTIONS = ("data", "model", "optimizer", "loss", "algorithm", "budget")
+REQUIRED = ("name", "paper", "task", "methods", "baseline", "seeds", "metric", "metrics", "expected")
+OPTIONAL = SECTIONS
+CLASSIFY_METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "signal_mass", "estimating_error",
+                    "gradient_stability", "noisy_train_fit")
+BUDGET_DEFAULTS = {"epochs": 10, "batch_size": 64, "eval_every": 0, "steps": 300, "x0": -1.0}
+
+
+def load_card(path: str | Path) -> dict:
+    """Read and validate a card (``.json`` or ``.toml``)."""
+    path = Path(path)
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"card must be a .json or .toml file, got {str(path)!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no card at {path}")
+    text = path.read_text()
+    try:
+        card = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"card {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+    return validate_card(card, source=str(path))
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for section, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(section), dict) and "name" not in value:
+            merged[section] = {**merged[section], **value}
+        else:  # naming a new component replaces the section (another loss's defaults are not the old one's)
+            merged[section] = copy.deepcopy(value)
+    return merged
+
+
+def method_config(card: dict, method: str) -> dict:
+    """The full setting of one method: the card's sections with the method's overrides applied."""
+    if method not in card["methods"]:
+        raise ValueError(f"method must be one of {sorted(card['methods'])}, got {method!r}")
+    return _merge({s: card[s] for s in SECTIONS if s in card}, card["methods"][method])
+
+
+def component_spec(value, where: str) -> tuple[str, dict]:
+    """A component given as "name" or {"name": ..., params}."""
+    if isinstance(value, str):
+        return value, {}
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return value["name"], {k: v for k, v in value.items() if k != "name"}
+    raise ValueError(f"{where} must be a name or a table with a 'name', got {value!r}")
+
+
+def _check_classify(config: dict, where: str) -> None:
+    name, params = component_spec(config.get("data"), f"{where}.data")
+    DATASETS.check(name, {k: v for k, v in params.items() if k != "methods"})
+    for i, method in enumerate(params.get("methods", [])):
+        DATA_METHODS.check(*component_spec(method, f"{where}.data.methods[{i}]"))
+    name, params = component_spec(config.get("model"), f"{where}.model")
+    for key in ("norm", "binary"):
+        if key in params:
+            LAYERS.check(*component_spec(params[key], f"{where}.model.{key}"))
+    MODELS.check(name, {k: v for k, v in params.items() if k not in ("norm", "binary")})
+    LOSSES.check(*component_spec(config.get("loss", "ce"), f"{where}.loss"))
+    ALGORITHMS.check(*component_spec(config.get("algorithm", "erm"), f"{where}.algorithm"))
+
+
+def validate_card(card: dict, source: str = "card") -> dict:
+    """Check a card's keys, names and parameters; returns it with budget defaults filled in."""
+    if not isinstance(card, dict):
+        raise TypeError(f"{source} must be a table/object, got {type(card).__name__}")
+    missing = [k for k in REQUIRED if k not in card]
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(missing)}")
+    unknown = sorted(set(card) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise ValueError(f"{source} has unknown key {unknown[0]!r}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
+    if card["task"] not in TASKS:
+        raise ValueError(f"{source}: task must be one of {list(TASKS)}, got {card['task']!r}")
+    if not (isinstance(card["methods"], dict) and card["methods"]):
+        raise ValueError(f"{source}: methods must be a non-empty table of name -> overrides")
+    if card["baseline"] not in card["methods"]:
+        raise ValueError(f"{source}: baseline must be one of the methods {sorted(card['methods'])}, got {card['baseline']!r}")
+    seeds = card["seeds"]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)):
+        raise ValueError(f"{source}: seeds must be a non-empty list of ints >= 0, got {seeds!r}")
+    if not (isinstance(card["metrics"], list) and card["metric"] in card["metrics"]):
+        raise ValueError(f"{source}: metrics must be a list that includes metric {card['metric']!r}")
+    if card["task"] == "classify":
+        allowed_metrics = CLASSIFY_METRICS
+    else:
+        functions = card.get("data", {}).get("functions") if isinstance(card.get("data"), dict) else None
+        if not (isinstance(functions, list) and functions and set(functions) <= set(FUNCTIONS_1D)):
+            raise ValueError(f"{source}: a function_1d card needs data.functions, a list from {sorted(FUNCTIONS_1D)}, "
+                             f"got {functions!r}")
+        allowed_metrics = tuple(f"{f}_{m}" for f in functions for m in ("x", "gap"))
+    bad = sorted(set(card["metrics"]) - set(allowed_metrics))
+    if bad:
+        raise ValueError(f"{source}: unknown metric {bad[0]!r}; allowed: {', '.join(allowed_metrics)}")
+    card = copy.deepcopy(card)
+    card["budget"] = {**BUDGET_DEFAULTS, **card.get("budget", {})}
+    unknown = sorted(set(card["budget"]) - set(BUDGET_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{source}: budget has unknown key {unknown[0]!r}; allowed: {', '.join(BUDGET_DEFAULTS)}")
+    for method in card["methods"]:
+        if not isinstance(card["methods"][method], dict):
+            raise ValueError(f"{source}: methods.{method} must be a table of overrides")
+        bad = sorted(set(card["methods"][method]) - set(SECTIONS))
+        if bad:
+            raise ValueError(f"{source}: methods.{method} overrides unknown section {bad[0]!r}; allowed: {', '.join(SECTIONS)}")
+        config = method_config(card, method)
+        OPTIMIZERS.check(*component_spec(config.get("optimizer"), f"{source}: methods.{method}.optimizer"))
+        if card["task"] == "classify":
+            _check_classify(config, f"{source}: methods.{method}")
+    return card

