@@ -154,8 +154,9 @@ def image_rows(steps: int, images: int, quick: bool):
     for name, (out, seconds) in results.items():
         out = out.clamp(-1, 1)
         rows.append(f"| {name} | {class_accuracy(out, labels):.1%} | {fd(out, test):.1f} | {seconds / images:.3f} |")
-    grid = [x[:8], fm.lift(context[0][0], view)[0][:8]] + [out.clamp(-1, 1)[:8] for out, _ in results.values()]
-    return rows, image_grid(to_pil(torch.cat(grid)), ncols=8, tile=32)
+    show = torch.arange(0, images, max(1, images // 10))[:10]  # one digit per class (x is ordered by class)
+    grid = [x[show], fm.lift(context[0][0], view)[0][show]] + [out.clamp(-1, 1)[show] for out, _ in results.values()]
+    return rows, image_grid(to_pil(torch.cat(grid)), ncols=len(show), tile=32)
 
 
 def main():
