@@ -13,16 +13,22 @@ import tomllib
 from pathlib import Path
 
 from .diffgrad import FUNCTIONS_1D
-from .registry import ALGORITHMS, DATA_METHODS, DATASETS, LAYERS, LOSSES, MODELS, OPTIMIZERS
+from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, INITIALIZERS, INR_TARGETS, LAYERS, LOSSES, MODELS,
+                       OPTIMIZERS)
 
 
-TASKS = ("classify", "function_1d")
+TASKS = ("classify", "function_1d", "inr")
 SECTIONS = ("data", "model", "optimizer", "loss", "algorithm", "budget")
 REQUIRED = ("name", "paper", "task", "methods", "baseline", "seeds", "metric", "metrics", "expected")
 OPTIONAL = SECTIONS
 CLASSIFY_METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "signal_mass", "estimating_error",
-                    "gradient_stability", "noisy_train_fit")
-BUDGET_DEFAULTS = {"epochs": 10, "batch_size": 64, "eval_every": 0, "steps": 300, "x0": -1.0}
+                    "gradient_stability", "noisy_train_fit", "steps_to_target", "examples_to_target", "reached_target",
+                    "final_batch_size")
+INR_METRICS = ("psnr", "best_psnr", "psnr_quarter")
+MODEL_LAYER_KEYS = ("norm", "binary", "reparam")  # model parameters that name a LAYERS entry
+# target_accuracy (tested every eval_steps steps) adds the steps / examples a classifier needs to reach it
+BUDGET_DEFAULTS = {"epochs": 10, "batch_size": 64, "eval_every": 0, "steps": 300, "x0": -1.0, "target_accuracy": None,
+                   "eval_steps": 1}
 
 
 def load_card(path: str | Path) -> dict:
@@ -72,12 +78,19 @@ def _check_classify(config: dict, where: str) -> None:
     for i, method in enumerate(params.get("methods", [])):
         DATA_METHODS.check(*component_spec(method, f"{where}.data.methods[{i}]"))
     name, params = component_spec(config.get("model"), f"{where}.model")
-    for key in ("norm", "binary"):
+    for key in MODEL_LAYER_KEYS:
         if key in params:
             LAYERS.check(*component_spec(params[key], f"{where}.model.{key}"))
-    MODELS.check(name, {k: v for k, v in params.items() if k not in ("norm", "binary")})
+    MODELS.check(name, {k: v for k, v in params.items() if k not in MODEL_LAYER_KEYS})
     LOSSES.check(*component_spec(config.get("loss", "ce"), f"{where}.loss"))
     ALGORITHMS.check(*component_spec(config.get("algorithm", "erm"), f"{where}.algorithm"))
+
+
+def _check_inr(config: dict, where: str) -> None:
+    INR_TARGETS.check(*component_spec(config.get("data"), f"{where}.data"))
+    name, params = component_spec(config.get("model"), f"{where}.model")
+    INITIALIZERS.check(*component_spec(params.get("init", "siren"), f"{where}.model.init"))
+    MODELS.check(name, {k: v for k, v in params.items() if k != "init"})
 
 
 def validate_card(card: dict, source: str = "card") -> dict:
@@ -103,6 +116,8 @@ def validate_card(card: dict, source: str = "card") -> dict:
         raise ValueError(f"{source}: metrics must be a list that includes metric {card['metric']!r}")
     if card["task"] == "classify":
         allowed_metrics = CLASSIFY_METRICS
+    elif card["task"] == "inr":
+        allowed_metrics = INR_METRICS
     else:
         functions = card.get("data", {}).get("functions") if isinstance(card.get("data"), dict) else None
         if not (isinstance(functions, list) and functions and set(functions) <= set(FUNCTIONS_1D)):
@@ -127,4 +142,6 @@ def validate_card(card: dict, source: str = "card") -> dict:
         OPTIMIZERS.check(*component_spec(config.get("optimizer"), f"{source}: methods.{method}.optimizer"))
         if card["task"] == "classify":
             _check_classify(config, f"{source}: methods.{method}")
+        elif card["task"] == "inr":
+            _check_inr(config, f"{source}: methods.{method}")
     return card

@@ -109,3 +109,47 @@ def blockmnist(data: HarnessData, seed: int, classes: tuple[int, int] = (0, 1)) 
     x_train, y_train, m_train = build(data.x_train, data.y_train)
     x_test, y_test, m_test = build(data.x_test, data.y_test)
     return HarnessData(x_train, y_train, x_test, y_test, 2, {"signal_mask": m_train}, {"signal_mask": m_test})
+
+
+# --- targets for implicit neural representations (one fixed signal per card; seeds vary the initialisation) ----
+
+def highfreq_signal(length: int = 8192, low: float = 0.1, high: float = 0.4) -> torch.Tensor:
+    """A 1-D stand-in for the high-frequency-dominant audio of the SIREN^2 paper: white noise (fixed seed) band-passed
+    to [low, high] cycles per sample by zeroing every other rfft bin, scaled to peak 1. No energy below ``low``: the
+    case where SIREN meets the spectral bottleneck."""
+    if not (isinstance(length, int) and length >= 16):
+        raise ValueError(f"length must be an int >= 16, got {length!r}")
+    if not 0 <= low < high <= 0.5:
+        raise ValueError(f"need 0 <= low < high <= 0.5 (cycles per sample), got low={low!r}, high={high!r}")
+    noise = torch.randn(length, generator=torch.Generator().manual_seed(30_000), dtype=torch.float64)
+    spectrum = torch.fft.rfft(noise)
+    freqs = torch.fft.rfftfreq(length)
+    spectrum[(freqs < low) | (freqs > high)] = 0
+    signal = torch.fft.irfft(spectrum, n=length)
+    return (signal / signal.abs().max()).float()
+
+
+def sample_image(size: int = 64, index: int = 0) -> torch.Tensor:
+    """scikit-learn's bundled sample photograph (0: china.jpg, 1: flower.jpg) as a grey (size, size) image in [-1, 1]:
+    the central square crop, area-averaged down to ``size``."""
+    from sklearn.datasets import load_sample_images
+
+    if not (isinstance(size, int) and 8 <= size <= 427):
+        raise ValueError(f"size must be an int in [8, 427], got {size!r}")
+    if index not in (0, 1):
+        raise ValueError(f"index must be 0 (china.jpg) or 1 (flower.jpg), got {index!r}")
+    image = torch.from_numpy(load_sample_images().images[index]).double().mean(2) / 255
+    h, w = image.shape
+    side = min(h, w)
+    crop = image[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
+    small = torch.nn.functional.adaptive_avg_pool2d(crop[None, None], size)[0, 0]
+    return (small * 2 - 1).float()
+
+
+def inr_grid(target: torch.Tensor) -> HarnessData:
+    """Coordinates in [-1, 1]^d (d = 1 for a signal, 2 for an image) -> values, as a data set whose test split is its
+    training split (an implicit representation is judged on how well it fits)."""
+    axes = [torch.linspace(-1, 1, n) for n in target.shape]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, target.dim())
+    values = target.reshape(-1, 1)
+    return HarnessData(coords, values, coords, values, num_classes=1)

@@ -8,12 +8,15 @@ import torch
 from accelerate import Accelerator
 
 from .. import __version__
+from .adadagrad import StepsToTarget
 from .attribution import signal_mass
 from .binary import BinaryDiagnostics, binary_layers
-from .cards import component_spec, method_config
+from .cards import MODEL_LAYER_KEYS, component_spec, method_config
 from .diffgrad import function_1d, global_minimum_1d
 from .loop import accuracy, gather_rows, train
-from .registry import ALGORITHMS, DATA_METHODS, DATASETS, LAYERS, LOSSES, MODELS, OPTIMIZERS
+from .data import inr_grid
+from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, INITIALIZERS, INR_TARGETS, LAYERS, LOSSES, MODELS,
+                       OPTIMIZERS)
 
 
 def versions() -> dict:
@@ -38,14 +41,18 @@ def build_data(config: dict, seed: int):
 
 
 def build_model(config: dict, data, epochs: int):
-    """The model and the hooks its layers need (ReSTE's annealing, binary diagnostics)."""
+    """The model and the hooks its layers need (ReSTE's annealing, binary diagnostics); a ``reparam`` layer (weight
+    compander) is applied to the built model."""
     name, params = component_spec(config["model"], "model")
     hooks, layers = [], {}
-    for key in ("norm", "binary"):
+    for key in MODEL_LAYER_KEYS:
         if key in params:
             layers[key], layer_hooks = _build(LAYERS, params.pop(key), epochs)
             hooks += layer_hooks
+    reparam = layers.pop("reparam", None)
     model = MODELS.build(name, data.num_features, data.num_classes, **params, **layers)
+    if reparam is not None:
+        reparam(model)
     if binary_layers(model):
         hooks.append(BinaryDiagnostics())
     return model, hooks
@@ -68,6 +75,8 @@ def _classify(config: dict, card: dict, seed: int, accelerator: Accelerator, pro
     gather = accelerator.gather if accelerator.num_processes > 1 else None
     criterion = _build(LOSSES, config.get("loss", "ce"), len(data.y_train), data.num_classes, gather)
     algorithm = _build(ALGORITHMS, config.get("algorithm", "erm"))
+    if budget["target_accuracy"] is not None:
+        hooks.append(StepsToTarget(data.x_test, data.y_test, budget["target_accuracy"], budget["eval_steps"]))
     state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=budget["epochs"],
                   batch_size=budget["batch_size"], seed=seed, algorithm=algorithm, hooks=hooks,
                   eval_every=budget["eval_every"], accelerator=accelerator, progress=progress)
@@ -87,6 +96,53 @@ def _classify(config: dict, card: dict, seed: int, accelerator: Accelerator, pro
         metrics["noisy_train_fit"] = _noisy_train_fit(net, data, accelerator)
     accelerator.free_memory()
     return metrics
+
+
+class PSNRCurve:
+    """Hook: PSNR of the model's fit to the whole target before every ``every``-th step and at the end, in dB with
+    the target's peak-to-peak range as the peak."""
+
+    def __init__(self, data, every: int):
+        if not (isinstance(every, int) and every > 0):
+            raise ValueError(f"eval_steps must be a positive int, got {every!r}")
+        self.data, self.every, self.curve = data, every, []
+
+    @torch.no_grad()
+    def _evaluate(self, state) -> None:
+        device = state.accelerator.device
+        x, y = self.data.x_train.to(device), self.data.y_train.to(device)
+        mse = (state.unwrapped_model(x) - y).square().mean()
+        self.curve.append([state.step, (10 * torch.log10((y.max() - y.min()) ** 2 / mse)).item()])
+
+    def on_step_start(self, state) -> None:
+        if state.step % self.every == 0:
+            self._evaluate(state)
+
+    def on_train_end(self, state) -> None:
+        self._evaluate(state)
+
+
+def _inr(config: dict, seed: int, accelerator: Accelerator, progress: bool) -> dict:
+    """Fit an implicit neural representation (coordinates -> values) full-batch for ``budget.steps`` steps."""
+    budget = config["budget"]
+    target = _build(INR_TARGETS, config["data"])
+    data = inr_grid(target)
+    name, params = component_spec(config["model"], "model")
+    init = params.pop("init", "siren")
+    torch.manual_seed(seed)
+    model = MODELS.build(name, data.num_features, 1, **params)
+    _build(INITIALIZERS, init, model, target, torch.Generator().manual_seed(seed))
+    optimizer = _build(OPTIMIZERS, config["optimizer"], model.parameters())
+    curve = PSNRCurve(data, budget["eval_steps"])
+
+    def mse(prediction, y, index=None):
+        return (prediction - y).square().mean()
+
+    train(model, data, optimizer=optimizer, criterion=mse, epochs=budget["steps"], batch_size=len(data.y_train),
+          seed=seed, hooks=[curve], accelerator=accelerator, progress=progress)
+    values = [v for _, v in curve.curve]
+    quarter = next(v for step, v in curve.curve if step >= budget["steps"] // 4)
+    return {"psnr": values[-1], "best_psnr": max(values), "psnr_quarter": quarter, "curves": {"psnr": curve.curve}}
 
 
 def _function_1d(config: dict, card: dict) -> dict:
@@ -114,12 +170,18 @@ def run_method(card: dict, method: str, seed: int, accelerator: Accelerator | No
     start = time.perf_counter()
     if card["task"] == "function_1d":
         metrics = _function_1d(config, card)
+    elif card["task"] == "inr":
+        metrics = _inr(config, seed, accelerator, progress)
     else:
         metrics = _classify(config, card, seed, accelerator, progress)
-    return {
+    curves = metrics.pop("curves", None)
+    record = {
         "card": card["name"], "method": method, "seed": seed,
         "metrics": {k: metrics[k] for k in card["metrics"] if k in metrics},
         "wall_s": round(time.perf_counter() - start, 3),
         "baseline": card["baseline"], "metric": card["metric"], "paper": card["paper"], "expected": card["expected"],
         "num_processes": accelerator.num_processes, "threads": torch.get_num_threads(), "versions": versions(),
     }
+    if curves:  # per-step curves (batch size, accuracy) ride along in the record; the report summarises them
+        record["curves"] = curves
+    return record

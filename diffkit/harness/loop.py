@@ -8,7 +8,8 @@ one process and N processes train the same model (up to float summation order). 
 
 Hooks are objects with any of ``on_train_start``, ``on_step_start``, ``after_backward``, ``on_epoch_end`` and
 ``on_train_end``, each called with the ``TrainState`` (ReSTE's o-annealing, gradient diagnostics, weight
-freezing, batch-size schedules: a hook may change ``state.batch_size`` for the next epoch).
+freezing, batch-size schedules: a hook or an algorithm may change ``state.batch_size``, which takes effect at the
+next step).
 """
 
 import os
@@ -42,6 +43,7 @@ class TrainState:
     criterion: Callable
     epochs: int
     batch_size: int
+    train_size: int = 0
     epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
@@ -91,11 +93,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, accelerator: Ac
     return result
 
 
+def _checked_batch_size(b, n: int, processes: int) -> int:
+    if not (isinstance(b, int) and 0 < b <= n and b % processes == 0):
+        raise ValueError(f"batch_size must be a positive int <= {n} (the training set) and a multiple of "
+                         f"the {processes} processes, got {b!r}")
+    return b
+
+
 def train(model: nn.Module, data: HarnessData, *, optimizer: torch.optim.Optimizer, criterion: Callable, epochs: int,
           batch_size: int, seed: int, algorithm: Callable | None = None, hooks: Sequence = (), eval_every: int = 0,
           accelerator: Accelerator | None = None, progress: bool = True) -> TrainState:
     """Train ``model`` on ``data`` for ``epochs`` epochs of ``len(train) // batch_size`` steps (the last partial
-    batch of each epoch is dropped, so every step has the same global batch and every process the same share).
+    batch of each epoch is dropped, so every step has a full global batch and every process the same share). When
+    ``state.batch_size`` changes during an epoch, the epoch goes on cutting batches of the new size from its
+    permutation.
 
     ``eval_every`` > 0 records test accuracy every that many epochs in ``state.history``.
     """
@@ -114,23 +125,24 @@ def train(model: nn.Module, data: HarnessData, *, optimizer: torch.optim.Optimiz
     criterion = criterion.to(device) if isinstance(criterion, nn.Module) else criterion
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState(accelerator, prepared_model, accelerator.unwrap_model(prepared_model), optimizer, criterion,
-                       epochs, batch_size)
+                       epochs, batch_size, train_size=len(y))
     _call(hooks, "on_train_start", state)
     bar = tqdm(total=epochs, desc="train", disable=not (progress and accelerator.is_main_process), leave=False)
     for epoch in range(epochs):
         state.epoch = epoch
-        b, p = state.batch_size, accelerator.num_processes
-        if not (isinstance(b, int) and 0 < b <= len(y) and b % p == 0):
-            raise ValueError(f"batch_size must be a positive int <= {len(y)} (the training set) and a multiple of "
-                             f"the {p} processes, got {b!r}")
         # the same permutation on every process: seeded by the run and the epoch, drawn on the CPU
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
-        mine = slice(accelerator.process_index * (b // p), (accelerator.process_index + 1) * (b // p))
         prepared_model.train()
         loss_sum = torch.zeros((), device=device)
-        steps = len(y) // b
-        for global_batch in order[: steps * b].view(steps, b):
-            index = global_batch[mine]
+        start = steps = 0
+        # the batch size is read before every step, so a hook or algorithm may grow it from one step to the next
+        # (AdAdaGrad's tests); the epoch ends when the rest of the permutation is shorter than the next batch
+        while True:
+            b, p = _checked_batch_size(state.batch_size, len(y), accelerator.num_processes), accelerator.num_processes
+            if start + b > len(y):
+                break
+            index = order[start : start + b].view(p, b // p)[accelerator.process_index]
+            start, steps = start + b, steps + 1
             batch = {"x": x[index], "y": y[index], "index": index, **{k: v[index] for k, v in extras.items()}}
             _call(hooks, "on_step_start", state)
             loss, _ = algorithm(state, batch)

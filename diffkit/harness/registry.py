@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as harness_data
+from .adadagrad import AdaGradNorm, AdaptiveBatchSize
 from .algorithms import ERM, AdversarialL2
 from .binary import ResteAnnealing
+from .compander import apply_weight_compander
 from .diffgrad import DiffGrad
 from .elr import ELRLoss
 from .ghost_bn import GhostBatchNorm1d
 from .models import binary_factory, mlp
+from .winner import siren, spectral_centroid, winner_init, winner_noise_scales_empirical, siren_init
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,12 @@ OPTIMIZERS = Registry("optimizer", {
                   "Kingma & Ba, ICLR 2015, arXiv 1412.6980"),
     "diffgrad": Entry(_adam_like(DiffGrad), {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
                       "Dubey et al., IEEE TNNLS 2020, arXiv 1909.11015; shivram1987/diffGrad diffGrad_v2.py"),
+    "adagrad": Entry(lambda params, lr, initial_accumulator_value, eps: torch.optim.Adagrad(
+        params, lr=lr, initial_accumulator_value=initial_accumulator_value, eps=eps),
+        {"lr": 0.01, "initial_accumulator_value": 0.0, "eps": 1e-10}, "Duchi, Hazan & Singer, JMLR 2011"),
+    "adagrad_norm": Entry(AdaGradNorm, {"lr": 1.0, "b0": 0.1},
+                          "Ward, Wu & Bottou, JMLR 2020 (AdaGrad-Norm); the step of AdAdaGradNorm, Lau, Liu & Kolar, "
+                          "arXiv 2402.11215"),
 })
 
 # losses are built with the context (num_samples, num_classes, gather)
@@ -105,7 +114,13 @@ def _binary(estimator):
     return make
 
 
-# layers are built with the context (epochs,) and return (layer factory, training hooks)
+def _compander(epochs, **params):
+    apply_weight_compander(nn.Linear(1, 1), **params)  # validate now, not after the model is built
+    return (lambda model: apply_weight_compander(model, **params)), []
+
+
+# layers are built with the context (epochs,) and return (layer factory, training hooks); a "reparam" entry returns
+# a function applied to the built model instead
 LAYERS = Registry("layer", {
     "bn": Entry(_norm(nn.BatchNorm1d), {}, "Ioffe & Szegedy, ICML 2015"),
     "ghost_bn": Entry(_norm(GhostBatchNorm1d), {"ghost_size": 32},
@@ -114,10 +129,41 @@ LAYERS = Registry("layer", {
     "reste": Entry(_binary("reste"), {"t": 1.5, "o_end": 3.0},
                    "Wu et al., ICCV 2023; DravenALG/ReSTE model/binary_module/binarized_modules.py"),
     "biper": Entry(_binary("biper"), {"omega": 20.0}, "Vargas et al., CVPR 2024, arXiv 2404.01278; edmav4/BiPer"),
+    "weight_compander": Entry(_compander, {"alpha": 1.0, "beta": 0.5},
+                              "Cakaj, Mehnert & Yang, IJCNN 2023, arXiv 2306.16993 -- STAND-IN wc(v) = alpha tanh(v / "
+                              "beta) built from the abstract; the paper's Eq. 1 was not retrievable"),
 })
 
 MODELS = Registry("model", {
     "mlp": Entry(mlp, {"hidden": [256, 256], "norm": None, "binary": None}, "multilayer perceptron"),
+    "siren": Entry(siren, {"hidden": 128, "layers": 3, "omega0": 30.0},
+                   "Sitzmann et al., NeurIPS 2020, arXiv 2006.09661 (sine layers, omega0 = 30)"),
+})
+
+
+def _winner(model, target, generator, s0, s1):
+    if s0 is None or s1 is None:
+        first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+        e0, e1 = winner_noise_scales_empirical(spectral_centroid(target), first.in_features)
+        s0, s1 = e0 if s0 is None else s0, e1 if s1 is None else s1
+    return winner_init(model, s0, s1, generator)
+
+
+# initialisers are built with the context (model, target, generator); s0 / s1 None = the empirical formula
+INITIALIZERS = Registry("initializer", {
+    "siren": Entry(lambda model, target, generator: siren_init(model), {},
+                   "Sitzmann et al., NeurIPS 2020, Sec. 3.2"),
+    "winner": Entry(_winner, {"s0": None, "s1": None},
+                    "Chandravamsi et al., arXiv 2509.09719 (WINNER / SIREN^2); noise scales from the EMPIRICAL "
+                    "spectral-centroid formula of hemanthgrylls/SIREN-square modules/networks.py (unverified)"),
+})
+
+# implicit-representation targets (one fixed signal per card)
+INR_TARGETS = Registry("inr target", {
+    "highfreq_signal": Entry(harness_data.highfreq_signal, {"length": 8192, "low": 0.1, "high": 0.4},
+                             "band-passed noise, a stand-in for the high-frequency audio of arXiv 2509.09719"),
+    "sample_image": Entry(harness_data.sample_image, {"size": 64, "index": 0},
+                          "scikit-learn load_sample_images (china.jpg / flower.jpg)"),
 })
 
 # data sets are built with the context (seed,)
@@ -138,6 +184,11 @@ ALGORITHMS = Registry("algorithm", {
     "erm": Entry(ERM, {}, "empirical risk minimisation"),
     "adversarial_l2": Entry(AdversarialL2, {"eps": 2.0, "steps": 5, "step_size": None},
                             "Madry et al., ICLR 2018 (L2 PGD); harshays/inputgradients pgd_adv_fit_model"),
+    "adaptive_batch": Entry(AdaptiveBatchSize, {"test": "norm", "eta": 0.1, "theta": 0.1, "max_batch_size": None,
+                                                "every": 1},
+                            "AdAdaGrad norm / inner-product tests, Lau, Liu & Kolar, arXiv 2402.11215; "
+                            "timlautk/AdAdaGrad tests.py"),
 })
 
-REGISTRIES = {r.kind: r for r in (OPTIMIZERS, LOSSES, LAYERS, MODELS, DATASETS, DATA_METHODS, ALGORITHMS)}
+REGISTRIES = {r.kind: r for r in (OPTIMIZERS, LOSSES, LAYERS, MODELS, DATASETS, DATA_METHODS, ALGORITHMS, INITIALIZERS,
+                                   INR_TARGETS)}

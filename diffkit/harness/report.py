@@ -98,7 +98,41 @@ def card_table(records: list[dict]) -> str:
                          if k in by_method[m][s]["metrics"] and k in by_method[baseline][s]["metrics"]]
                 cells.append(_difference_cell(diffs))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += curve_lines(by_method, methods)
     return "\n".join(lines) + "\n"
+
+
+def _curve_points(curve: list) -> list[tuple[int, float]]:
+    """(step, value) pairs of a stored curve: a list of per-step values, or of rows [step, ..., value]."""
+    return [(row[0], row[-1]) if isinstance(row, list) else (i, row) for i, row in enumerate(curve)]
+
+
+def curve_lines(by_method: dict, methods: list[str]) -> list[str]:
+    """One line per (method, curve) for the lowest seed that stored curves: the value at steps 0, 1, 2, 5, 10, 20, 50,
+    ... (the last recorded point at or before each) and at the end."""
+    lines = []
+    for m in methods:
+        seeds = [s for s in sorted(by_method[m]) if by_method[m][s].get("curves")]
+        if not seeds:
+            continue
+        for name, curve in sorted(by_method[m][seeds[0]]["curves"].items()):
+            points = _curve_points(curve)
+            marks, k = [], 0
+            while True:
+                mark = [1, 2, 5][k % 3] * 10 ** (k // 3) if k else 0
+                if mark > points[-1][0]:
+                    break
+                marks.append(mark)
+                k += 1
+            shown = {}
+            for mark in marks:
+                at = [p for p in points if p[0] <= mark]
+                if at:
+                    shown[at[-1][0]] = at[-1][1]
+            shown[points[-1][0]] = points[-1][1]
+            text = ", ".join(f"{step}: {_fmt(value)}" for step, value in sorted(shown.items()))
+            lines.append(f"- {m} {name} (seed {seeds[0]}, step: value): {text}")
+    return ["", "Curves:", ""] + lines if lines else []
 
 
 def _difference_cell(diffs: list[float]) -> str:
