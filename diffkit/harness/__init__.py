@@ -1,9 +1,11 @@
 """Training and evaluation harness for classifier-side methods: registries, one accelerate training loop,
 experiment cards and a results report. ``diffkit harness run CARD`` / ``diffkit harness report``."""
 
+from .adadagrad import AdaGradNorm, AdaptiveBatchSize, inner_product_test_batch_size, norm_test_batch_size
 from .attribution import input_gradients, signal_mass
 from .binary import BinaryLinear, estimating_error, gradient_stability, reste_derivative, reste_o
 from .cards import load_card, method_config, validate_card
+from .compander import WeightCompanderStandIn, apply_weight_compander
 from .diffgrad import DiffGrad, function_1d, global_minimum_1d
 from .elr import ELRLoss
 from .experiment import run_method
@@ -11,13 +13,15 @@ from .ghost_bn import GhostBatchNorm1d
 from .loop import TrainState, load_checkpoint, save_checkpoint, train
 from .registry import ALGORITHMS, DATA_METHODS, DATASETS, LAYERS, LOSSES, MODELS, OPTIMIZERS
 from .report import append_results, paired_interval, read_results, write_report
+from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
 
 __all__ = [
-    "ALGORITHMS", "DATASETS", "DATA_METHODS", "LAYERS", "LOSSES", "MODELS", "OPTIMIZERS",
-    "BinaryLinear", "DiffGrad", "ELRLoss", "GhostBatchNorm1d", "TrainState",
-    "append_results", "estimating_error", "function_1d", "global_minimum_1d", "gradient_stability",
-    "input_gradients", "load_card", "load_checkpoint", "method_config", "paired_interval", "read_results",
-    "reste_derivative", "reste_o", "run_method", "save_checkpoint", "signal_mass", "train", "validate_card",
-    "write_report",
+    "ALGORITHMS", "DATASETS", "DATA_METHODS", "LAYERS", "LOSSES", "MODELS", "OPTIMIZERS", "AdaGradNorm",
+    "AdaptiveBatchSize", "BinaryLinear", "DiffGrad", "ELRLoss", "GhostBatchNorm1d", "TrainState",
+    "WeightCompanderStandIn", "append_results", "apply_weight_compander", "estimating_error", "function_1d",
+    "global_minimum_1d", "gradient_stability", "inner_product_test_batch_size", "input_gradients", "load_card",
+    "load_checkpoint", "method_config", "norm_test_batch_size", "paired_interval", "read_results",
+    "reste_derivative", "reste_o", "run_method", "save_checkpoint", "signal_mass", "siren", "siren_init",
+    "spectral_centroid", "train", "validate_card", "winner_init", "winner_noise_scales_empirical", "write_report",
 ]

@@ -138,7 +138,7 @@ def sample_image(size: int = 64, index: int = 0) -> torch.Tensor:
         raise ValueError(f"size must be an int in [8, 427], got {size!r}")
     if index not in (0, 1):
         raise ValueError(f"index must be 0 (china.jpg) or 1 (flower.jpg), got {index!r}")
-    image = torch.from_numpy(load_sample_images().images[index]).double().mean(2) / 255
+    image = torch.from_numpy(load_sample_images().images[index].copy()).double().mean(2) / 255
     h, w = image.shape
     side = min(h, w)
     crop = image[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]

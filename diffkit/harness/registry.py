@@ -21,7 +21,7 @@ from .diffgrad import DiffGrad
 from .elr import ELRLoss
 from .ghost_bn import GhostBatchNorm1d
 from .models import binary_factory, mlp
-from .winner import siren, spectral_centroid, winner_init, winner_noise_scales_empirical, siren_init
+from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
 
 @dataclass(frozen=True)

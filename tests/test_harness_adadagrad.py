@@ -1,0 +1,87 @@
+"""AdAdaGrad: the norm and inner-product tests on hand-made per-sample gradients, AdaGrad-Norm's step by hand, the
+per-sample gradients against a loop of single-sample backward passes, and the batch growing inside the loop."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffkit.harness import train
+from diffkit.harness.adadagrad import (AdaGradNorm, AdaptiveBatchSize, inner_product_test_batch_size,
+                                       norm_test_batch_size, per_sample_gradients)
+from diffkit.harness.data import digits
+from diffkit.harness.registry import CrossEntropy
+
+
+# three samples, two coordinates: mean (2, 1); per-coordinate unbiased variances 1 and 1
+G = torch.tensor([[1.0, 0.0], [2.0, 1.0], [3.0, 2.0]])
+
+
+def test_norm_test_batch_size_by_hand():
+    # ||Var||_1 = 1 + 1 = 2, ||g||^2 = 4 + 1 = 5: 2 / (eta^2 * 5)
+    assert norm_test_batch_size(G, eta=0.1, batch_size=3) == math.ceil(2 / (0.01 * 5))  # 40
+    assert norm_test_batch_size(G, eta=0.5, batch_size=3) == 3  # 2 / 1.25 = 1.6 < 3: the batch never shrinks
+    assert norm_test_batch_size(G, eta=0.2, batch_size=3) == 10  # 2 / 0.2 = 10 exactly: no spurious rounding up
+    # identical per-sample gradients have no variance: the test passes at any batch size
+    assert norm_test_batch_size(G[:1].repeat(5, 1), eta=0.01, batch_size=5) == 5
+
+
+def test_inner_product_test_batch_size_by_hand():
+    # <g_i, g> = 2, 5, 8 with g = (2, 1): variance 9; ||g||^4 = 25; 9 / (0.01 * 25) = 36
+    assert inner_product_test_batch_size(G, theta=0.1, batch_size=3) == 36
+    # gradients that differ only orthogonally to their mean pass the inner-product test but not the norm test
+    ortho = torch.tensor([[1.0, 1.0], [1.0, -1.0], [1.0, 3.0], [1.0, -3.0]])
+    assert inner_product_test_batch_size(ortho, theta=0.1, batch_size=4) == 4
+    assert norm_test_batch_size(ortho, eta=0.1, batch_size=4) > 4
+    with pytest.raises(ValueError, match="per_sample_grads"):
+        norm_test_batch_size(G[:1], eta=0.1, batch_size=1)
+    with pytest.raises(ValueError, match="theta"):
+        inner_product_test_batch_size(G, theta=0.0, batch_size=3)
+
+
+def test_adagrad_norm_step_by_hand():
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    v = nn.Parameter(torch.tensor([0.5]))
+    opt = AdaGradNorm([{"params": [w]}, {"params": [v], "lr": 0.5}], lr=1.0, b0=0.1)
+    grads = [(torch.tensor([3.0, 4.0]), torch.tensor([12.0])), (torch.tensor([0.0, 1.0]), torch.tensor([0.0]))]
+    b2, w_hand, v_hand = 0.1**2, [1.0, -2.0], [0.5]
+    for gw, gv in grads:
+        w.grad, v.grad = gw.clone(), gv.clone()
+        opt.step()
+        # one scalar accumulator over both groups: b^2 += ||g_w||^2 + ||g_v||^2
+        b2 += gw.square().sum().item() + gv.square().sum().item()
+        w_hand = [a - 1.0 / math.sqrt(b2) * g for a, g in zip(w_hand, gw.tolist())]
+        v_hand = [a - 0.5 / math.sqrt(b2) * g for a, g in zip(v_hand, gv.tolist())]
+        assert w.tolist() == pytest.approx(w_hand, rel=1e-6) and v.tolist() == pytest.approx(v_hand, rel=1e-6)
+    # after the first step b = sqrt(0.01 + 169) = 13.0004: the step is ~g / 13, not coordinate-wise AdaGrad's sign step
+    assert b2 == pytest.approx(0.01 + 169 + 1)
+    with pytest.raises(ValueError, match="b0"):
+        AdaGradNorm([w], b0=0)
+
+
+def test_per_sample_gradients_match_single_sample_backward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    fast = per_sample_gradients(model, x, y)
+    for i in range(6):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        torch.testing.assert_close(fast[i], torch.cat([p.grad.flatten() for p in model.parameters()]))
+
+
+def test_the_batch_grows_step_by_step_in_the_loop_and_never_shrinks():
+    data = digits(seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    algorithm = AdaptiveBatchSize(test="inner_product", theta=0.1, max_batch_size=512)
+    state = train(model, data, optimizer=AdaGradNorm(model.parameters()), criterion=CrossEntropy(), epochs=2,
+                  batch_size=4, seed=0, algorithm=algorithm, progress=False)
+    sizes = state.logs["curves"]["batch_size"]
+    assert sizes[0] == 4 and len(sizes) == state.step
+    assert all(b >= a for a, b in zip(sizes, sizes[1:])) and 4 < sizes[-1] <= 512
+    # the epoch was cut into batches of the growing size: every step consumed its own batch size of examples
+    assert sum(sizes) <= 2 * len(data.y_train)
+    with pytest.raises(ValueError, match="test"):
+        AdaptiveBatchSize(test="variance")
