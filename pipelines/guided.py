@@ -190,22 +190,27 @@ class GuidedPipeline(DiffusionPipeline):
         opts = {"eta": eta} if solver == "ddim" else {}
 
         with self.progress_bar(total=num_inference_steps) as bar:
-
-            def on_step(info):
-                bar.update()
-                if callback_on_step_end is None:
-                    return None
-                out = callback_on_step_end(self, info["step"], info["t"], {"latents": info["x"]})
-                return {"x": out["latents"]} if out and "latents" in out else None
-
             latents = spec.fn(
                 denoiser, latents.to(device), timesteps, cond=cond, uncond=uncond, guidance=rule,
-                generator=generator, callback=on_step, **opts,
+                generator=generator, callback=self._step_callback(bar, callback_on_step_end), **opts,
             )
 
         images = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
         return GuidedPipelineOutput(images=images) if return_dict else (images,)
+
+    def _step_callback(self, bar, callback_on_step_end):
+        """A solver callback that advances the progress bar and runs diffusers' ``callback_on_step_end``, whose
+        returned "latents" replace the sample."""
+
+        def on_step(info):
+            bar.update()
+            if callback_on_step_end is None:
+                return None
+            out = callback_on_step_end(self, info["step"], info["t"], {"latents": info["x"]})
+            return {"x": out["latents"]} if out and "latents" in out else None
+
+        return on_step
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

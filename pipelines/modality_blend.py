@@ -173,19 +173,11 @@ class ModalityBlendPipeline(GuidedPipeline):
         timesteps = make_timesteps(denoiser.schedule, solver, num_inference_steps, self.scheduler.config)
         opts = {"eta": eta} if solver == "ddim" else {}
         with self.progress_bar(total=num_inference_steps) as bar:
-
-            def on_step(info):
-                bar.update()
-                if callback_on_step_end is None:
-                    return None
-                out = callback_on_step_end(self, info["step"], info["t"], {"latents": info["x"]})
-                return {"x": out["latents"]} if out and "latents" in out else None
-
             result = complete(
                 denoiser, get_solver(solver).fn, latents.to(device), timesteps, known, mask, modalities, mode=blend,
                 blend_steps=blend_steps, blend_iterations=blend_iterations, step_scale=blend_step_scale,
                 max_step_size=blend_max_step_size, layers=blend_layers, cond=cond, uncond=uncond, guidance=rule,
-                generator=generator, callback=on_step, **opts,
+                generator=generator, callback=self._step_callback(bar, callback_on_step_end), **opts,
             )
         self.blend_losses = result.blend_losses  # (P, Q) diagnostics of the last call
         images = self._decode(result.sample, output_type)
