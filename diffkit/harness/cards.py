@@ -13,11 +13,11 @@ import tomllib
 from pathlib import Path
 
 from .diffgrad import FUNCTIONS_1D
-from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, INITIALIZERS, INR_TARGETS, LAYERS, LOSSES, MODELS,
-                       OPTIMIZERS)
+from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, IMAGE_SETS, INITIALIZERS, INR_TARGETS, LAYERS, LOSSES,
+                       MODELS, NOISES, OPTIMIZERS)
 
 
-TASKS = ("classify", "function_1d", "inr")
+TASKS = ("classify", "function_1d", "inr", "denoise")
 SECTIONS = ("data", "model", "optimizer", "loss", "algorithm", "budget")
 REQUIRED = ("name", "paper", "task", "methods", "baseline", "seeds", "metric", "metrics", "expected")
 OPTIONAL = SECTIONS
@@ -25,6 +25,8 @@ CLASSIFY_METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "signal
                     "gradient_stability", "noisy_train_fit", "steps_to_target", "examples_to_target", "reached_target",
                     "final_batch_size")
 INR_METRICS = ("psnr", "best_psnr", "psnr_quarter")
+# denoise: PSNR of the estimate and of the noisy input (both clipped to [0, 1]) and their difference
+DENOISE_METRICS = ("psnr", "psnr_noisy", "psnr_gain")
 MODEL_LAYER_KEYS = ("norm", "binary", "reparam")  # model parameters that name a LAYERS entry
 # target_accuracy (tested every eval_steps steps) adds the steps / examples a classifier needs to reach it
 BUDGET_DEFAULTS = {"epochs": 10, "batch_size": 64, "eval_every": 0, "steps": 300, "x0": -1.0, "target_accuracy": None,
@@ -93,6 +95,21 @@ def _check_inr(config: dict, where: str) -> None:
     MODELS.check(name, {k: v for k, v in params.items() if k != "init"})
 
 
+def _check_denoise(config: dict, where: str) -> None:
+    name, params = component_spec(config.get("data"), f"{where}.data")
+    if "noise" not in params:
+        raise ValueError(f"{where}.data needs a noise model, one of {', '.join(NOISES)}")
+    IMAGE_SETS.check(name, {k: v for k, v in params.items() if k != "noise"})
+    NOISES.check(*component_spec(params["noise"], f"{where}.data.noise"))
+    MODELS.check(*component_spec(config.get("model"), f"{where}.model"))
+    LOSSES.check(*component_spec(config.get("loss", "mse"), f"{where}.loss"))
+    name, params = component_spec(config.get("algorithm"), f"{where}.algorithm")
+    ALGORITHMS.check(name, params)
+    denoisers = sorted(n for n in ALGORITHMS if hasattr(ALGORITHMS.get(n).constructor, "estimate"))
+    if name not in denoisers:
+        raise ValueError(f"{where}.algorithm must be a denoiser, one of {', '.join(denoisers)}, got {name!r}")
+
+
 def validate_card(card: dict, source: str = "card") -> dict:
     """Check a card's keys, names and parameters; returns it with budget defaults filled in."""
     if not isinstance(card, dict):
@@ -118,6 +135,8 @@ def validate_card(card: dict, source: str = "card") -> dict:
         allowed_metrics = CLASSIFY_METRICS
     elif card["task"] == "inr":
         allowed_metrics = INR_METRICS
+    elif card["task"] == "denoise":
+        allowed_metrics = DENOISE_METRICS
     else:
         functions = card.get("data", {}).get("functions") if isinstance(card.get("data"), dict) else None
         if not (isinstance(functions, list) and functions and set(functions) <= set(FUNCTIONS_1D)):
@@ -144,4 +163,6 @@ def validate_card(card: dict, source: str = "card") -> dict:
             _check_classify(config, f"{source}: methods.{method}")
         elif card["task"] == "inr":
             _check_inr(config, f"{source}: methods.{method}")
+        elif card["task"] == "denoise":
+            _check_denoise(config, f"{source}: methods.{method}")
     return card

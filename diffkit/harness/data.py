@@ -5,6 +5,10 @@
 
 Data methods transform a data set: ``symmetric_noise`` (ELR's label-noise definition) and ``blockmnist``
 (Shah et al. 2021: a signal block stacked with a class-independent null block).
+
+``colored_environments`` builds a coloured-digits domain-shift set with training environments (ColoredMNIST-style).
+
+For denoising, ``sample_patches`` cuts clean grey patches from scikit-learn's bundled photographs.
 """
 
 from dataclasses import dataclass, field
@@ -111,6 +115,36 @@ def blockmnist(data: HarnessData, seed: int, classes: tuple[int, int] = (0, 1)) 
     return HarnessData(x_train, y_train, x_test, y_test, 2, {"signal_mask": m_train}, {"signal_mask": m_test})
 
 
+def colored_environments(data: HarnessData, seed: int, correlations: tuple[float, ...] = (0.9, 0.8),
+                         test_correlation: float = 0.1, label_noise: float = 0.25) -> HarnessData:
+    """A coloured-digits domain-shift set after Arjovsky et al.'s ColoredMNIST (IRM, 2019), the set of Hemati et
+    al.'s (ICCV 2023) ColoredMNIST experiment: the label is digit < 5, flipped with probability ``label_noise``; the
+    colour (which of two channels carries the image) equals the label with probability ``correlations[e]`` in
+    training environment e (the training samples are dealt to the environments in equal shares) and
+    ``test_correlation`` in the test set. Shape predicts the label 1 - label_noise of the time; colour more often in
+    training and far less at test, so a model that uses colour fails out of distribution. Features: 2 x the input
+    pixels (the two channels, flattened); ``train_extra["env"]`` holds each training sample's environment."""
+    if data.num_classes != 10:
+        raise ValueError(f"colored_environments needs a 10-class digits data set, got {data.num_classes} classes")
+    if not (isinstance(correlations, (list, tuple)) and correlations and all(0 <= c <= 1 for c in correlations)):
+        raise ValueError(f"correlations must be a non-empty list of probabilities, got {correlations!r}")
+    for name, value in (("test_correlation", test_correlation), ("label_noise", label_noise)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    gen = torch.Generator().manual_seed(60_000 + seed)
+
+    def build(x, digits, correlation):
+        label = (digits < 5).long() ^ (torch.rand(len(digits), generator=gen) < label_noise).long()
+        colour = label ^ (torch.rand(len(digits), generator=gen) >= correlation).long()
+        channels = torch.stack([x * (colour == 0)[:, None], x * (colour == 1)[:, None]], 1)
+        return channels.flatten(1), label
+
+    env = torch.randperm(len(data.y_train), generator=gen) % len(correlations)
+    x_train, y_train = build(data.x_train, data.y_train, torch.tensor(correlations, dtype=torch.float)[env])
+    x_test, y_test = build(data.x_test, data.y_test, torch.full((len(data.y_test),), float(test_correlation)))
+    return HarnessData(x_train, y_train, x_test, y_test, 2, {"env": env}, {})
+
+
 # --- targets for implicit neural representations (one fixed signal per card; seeds vary the initialisation) ----
 
 def highfreq_signal(length: int = 8192, low: float = 0.1, high: float = 0.4) -> torch.Tensor:
@@ -132,18 +166,44 @@ def highfreq_signal(length: int = 8192, low: float = 0.1, high: float = 0.4) -> 
 def sample_image(size: int = 64, index: int = 0) -> torch.Tensor:
     """scikit-learn's bundled sample photograph (0: china.jpg, 1: flower.jpg) as a grey (size, size) image in [-1, 1]:
     the central square crop, area-averaged down to ``size``."""
-    from sklearn.datasets import load_sample_images
-
     if not (isinstance(size, int) and 8 <= size <= 427):
         raise ValueError(f"size must be an int in [8, 427], got {size!r}")
     if index not in (0, 1):
         raise ValueError(f"index must be 0 (china.jpg) or 1 (flower.jpg), got {index!r}")
-    image = torch.from_numpy(load_sample_images().images[index].copy()).double().mean(2) / 255
+    image = _gray_sample_image(index)
     h, w = image.shape
     side = min(h, w)
     crop = image[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
     small = torch.nn.functional.adaptive_avg_pool2d(crop[None, None], size)[0, 0]
     return (small * 2 - 1).float()
+
+
+# --- clean images for denoising (noise is added per seed by the card's noise model) --------------------------------
+
+def _gray_sample_image(index: int) -> torch.Tensor:
+    from sklearn.datasets import load_sample_images
+
+    return torch.from_numpy(load_sample_images().images[index].copy()).double().mean(2) / 255
+
+
+def _random_crops(image: torch.Tensor, count: int, size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, image.shape[0] - size + 1, (count,), generator=gen).tolist()
+    cols = torch.randint(0, image.shape[1] - size + 1, (count,), generator=gen).tolist()
+    return torch.stack([image[i : i + size, j : j + size] for i, j in zip(rows, cols)])[:, None].float()
+
+
+def sample_patches(size: int = 16, train: int = 4000, test: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey (N, 1, size, size) patches in [0, 1] of scikit-learn's two bundled photographs: ``train`` random crops of
+    china.jpg and ``test`` random crops of flower.jpg (a different image, so a denoiser is judged on images it never
+    saw). The crops are fixed (seeded by constants); seeds vary the noise and the initialisation."""
+    if not (isinstance(size, int) and 4 <= size <= 256 and size % 2 == 0):
+        raise ValueError(f"size must be an even int in [4, 256], got {size!r}")
+    for name, value in (("train", train), ("test", test)):
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return (_random_crops(_gray_sample_image(0), train, size, 40_000),
+            _random_crops(_gray_sample_image(1), test, size, 40_001))
 
 
 def inr_grid(target: torch.Tensor) -> HarnessData:

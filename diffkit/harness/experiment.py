@@ -14,9 +14,10 @@ from .binary import BinaryDiagnostics, binary_layers
 from .cards import MODEL_LAYER_KEYS, component_spec, method_config
 from .diffgrad import function_1d, global_minimum_1d
 from .loop import accuracy, gather_rows, train
-from .data import inr_grid
-from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, INITIALIZERS, INR_TARGETS, LAYERS, LOSSES, MODELS,
-                       OPTIMIZERS)
+from .data import HarnessData, inr_grid
+from .noise2score import image_psnr
+from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, IMAGE_SETS, INITIALIZERS, INR_TARGETS, LAYERS, LOSSES,
+                       MODELS, NOISES, OPTIMIZERS)
 
 
 def versions() -> dict:
@@ -145,6 +146,34 @@ def _inr(config: dict, seed: int, accelerator: Accelerator, progress: bool) -> d
     return {"psnr": values[-1], "best_psnr": max(values), "psnr_quarter": quarter, "curves": {"psnr": curve.curve}}
 
 
+def _denoise(config: dict, seed: int, accelerator: Accelerator, progress: bool) -> dict:
+    """Train a denoiser on noisy images (Noise2Score sees only those; the supervised reference also the clean ones)
+    and report the mean per-image PSNR of its estimate and of the noisy input on the held-out images, both clipped to
+    [0, 1] as the reference's ``forward_psnr`` clips its estimate, so clipping alone earns no gain."""
+    budget = config["budget"]
+    name, params = component_spec(config["data"], "data")
+    noise = _build(NOISES, params.pop("noise"))
+    clean_train, clean_test = IMAGE_SETS.build(name, **params)
+    # the noise draw is fixed per seed, like a data set of noisy photographs; the same for every method of a seed
+    data = HarnessData(noise.sample(clean_train, 50_000 + 2 * seed), clean_train,
+                       noise.sample(clean_test, 50_001 + 2 * seed), clean_test, num_classes=0)
+    name, params = component_spec(config["model"], "model")
+    torch.manual_seed(seed)
+    channels = clean_train.shape[1]
+    model = MODELS.build(name, channels, channels, **params)
+    optimizer = _build(OPTIMIZERS, config["optimizer"], model.parameters())
+    criterion = _build(LOSSES, config.get("loss", "mse"), len(clean_train), 0, None)
+    algorithm = _build(ALGORITHMS, config["algorithm"])
+    state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=budget["epochs"],
+                  batch_size=budget["batch_size"], seed=seed, algorithm=algorithm, accelerator=accelerator,
+                  progress=progress)
+    device = accelerator.device
+    y, x = data.x_test.to(device), data.y_test.to(device)
+    estimate = algorithm.estimate(state.unwrapped_model.eval(), y, noise)
+    psnr, noisy = image_psnr(estimate.clamp(0, 1), x).mean().item(), image_psnr(y.clamp(0, 1), x).mean().item()
+    return {"psnr": psnr, "psnr_noisy": noisy, "psnr_gain": psnr - noisy}
+
+
 def _function_1d(config: dict, card: dict) -> dict:
     """diffGrad's analytical experiment: minimise each 1-D function from x0; x and the gap to the global minimum."""
     budget, metrics = config["budget"], {}
@@ -172,6 +201,8 @@ def run_method(card: dict, method: str, seed: int, accelerator: Accelerator | No
         metrics = _function_1d(config, card)
     elif card["task"] == "inr":
         metrics = _inr(config, seed, accelerator, progress)
+    elif card["task"] == "denoise":
+        metrics = _denoise(config, seed, accelerator, progress)
     else:
         metrics = _classify(config, card, seed, accelerator, progress)
     curves = metrics.pop("curves", None)

@@ -20,7 +20,9 @@ from .compander import apply_weight_compander
 from .diffgrad import DiffGrad
 from .elr import ELRLoss
 from .ghost_bn import GhostBatchNorm1d
+from .hessian_alignment import HessianAlignment
 from .models import binary_factory, mlp
+from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, mse
 from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
 
@@ -96,6 +98,8 @@ LOSSES = Registry("loss", {
     "ce": Entry(lambda num_samples, num_classes, gather: CrossEntropy(), {}, "cross-entropy"),
     "elr": Entry(lambda num_samples, num_classes, gather, beta, lam: ELRLoss(num_samples, num_classes, beta, lam, gather),
                  {"beta": 0.7, "lam": 3.0}, "Liu et al., NeurIPS 2020, arXiv 2007.00151; shengliu66/ELR ELR/model/loss.py"),
+    "mse": Entry(lambda num_samples, num_classes, gather: mse, {},
+                 "mean squared error (a denoiser's clean-target loss)"),
 })
 
 
@@ -138,6 +142,9 @@ MODELS = Registry("model", {
     "mlp": Entry(mlp, {"hidden": [256, 256], "norm": None, "binary": None}, "multilayer perceptron"),
     "siren": Entry(siren, {"hidden": 128, "layers": 3, "omega0": 30.0},
                    "Sitzmann et al., NeurIPS 2020, arXiv 2006.09661 (sine layers, omega0 = 30)"),
+    "score_unet": Entry(ScoreUNet, {"width": 16},
+                        "two-level shrink of the Noise2Noise U-Net (Lehtinen et al., ICML 2018) used by "
+                        "cubeyoung/Noise2Score models/networks.py"),
 })
 
 
@@ -166,6 +173,22 @@ INR_TARGETS = Registry("inr target", {
                           "scikit-learn load_sample_images (china.jpg / flower.jpg)"),
 })
 
+# clean images for the denoise task: (train, test) tensors of shape (N, C, H, W)
+IMAGE_SETS = Registry("image set", {
+    "sample_patches": Entry(harness_data.sample_patches, {"size": 16, "train": 4000, "test": 500},
+                            "scikit-learn load_sample_images (china.jpg for training, flower.jpg for testing)"),
+})
+
+# noise models of the denoise task: sample(x, seed) and Tweedie's formula tweedie(y, score)
+NOISES = Registry("noise", {
+    "gaussian": Entry(GaussianNoise, {"sigma": 25 / 255},
+                      "Kim & Ye, NeurIPS 2021 (Gaussian; sigma = 25 of 255 in the paper); cubeyoung/Noise2Score "
+                      "models/Gaussian_model.py"),
+    "gamma": Entry(GammaNoise, {"k": 100.0},
+                   "Kim & Ye, NeurIPS 2021 (Gamma; k = 100 in the paper); cubeyoung/Noise2Score "
+                   "models/Gamma_model.py"),
+})
+
 # data sets are built with the context (seed,)
 DATASETS = Registry("dataset", {
     "digits": Entry(harness_data.digits, {"test_fraction": 0.33}, "scikit-learn load_digits (UCI optdigits)"),
@@ -178,6 +201,12 @@ DATA_METHODS = Registry("data method", {
                              "ELR's noise model, shengliu66/ELR ELR/data_loader/cifar10.py"),
     "blockmnist": Entry(lambda data, seed, classes: harness_data.blockmnist(data, seed, tuple(classes)),
                         {"classes": [0, 1]}, "Shah, Jain & Netrapalli, NeurIPS 2021, Sec. 4"),
+    "colored_environments": Entry(
+        lambda data, seed, correlations, test_correlation, label_noise: harness_data.colored_environments(
+            data, seed, tuple(correlations), test_correlation, label_noise),
+        {"correlations": [0.9, 0.8], "test_correlation": 0.1, "label_noise": 0.25},
+        "ColoredMNIST, Arjovsky et al., arXiv 1907.02893; as in Hemati et al., ICCV 2023, "
+        "huawei-noah/Federated-Learning HessianAlignment/cmnist/cmnist_HGP.py"),
 })
 
 ALGORITHMS = Registry("algorithm", {
@@ -188,7 +217,22 @@ ALGORITHMS = Registry("algorithm", {
                                                 "every": 1},
                             "AdAdaGrad norm / inner-product tests, Lau, Liu & Kolar, arXiv 2402.11215; "
                             "timlautk/AdAdaGrad tests.py"),
+    "hgp": Entry(lambda alpha, beta, penalty_weight, anneal_steps: HessianAlignment(
+        "hgp", alpha, beta, penalty_weight=penalty_weight, anneal_steps=anneal_steps),
+        {"alpha": 1e-4, "beta": 5e-3, "penalty_weight": 1.0, "anneal_steps": 0},
+        "Hemati et al., ICCV 2023, arXiv 2308.11778 (HGP); huawei-noah/Federated-Learning HessianAlignment/domainbed "
+        "algorithms.py class HGP, defaults from hparams_registry.py"),
+    "hutchinson": Entry(lambda alpha, beta, probes, penalty_weight, anneal_steps: HessianAlignment(
+        "hutchinson", alpha, beta, probes, penalty_weight, anneal_steps),
+        {"alpha": 1e-3, "beta": 5e-3, "probes": 300, "penalty_weight": 1.0, "anneal_steps": 0},
+        "Hemati et al., ICCV 2023, arXiv 2308.11778 (Hutchinson); huawei-noah/Federated-Learning "
+        "HessianAlignment/domainbed algorithms.py class Hutchinson, defaults from hparams_registry.py"),
+    "noise2score": Entry(Noise2Score, {"sigma_start": 0.05, "sigma_end": 0.001},
+                         "Kim & Ye, NeurIPS 2021 (AR-DAE score + Tweedie); cubeyoung/Noise2Score models/networks.py, "
+                         "models/Gaussian_model.py (sigma_a 0.05 -> 0.001, linear)"),
+    "supervised_denoiser": Entry(SupervisedDenoiser, {},
+                                 "residual denoiser trained on clean targets (DnCNN-style, Zhang et al., TIP 2017)"),
 })
 
 REGISTRIES = {r.kind: r for r in (OPTIMIZERS, LOSSES, LAYERS, MODELS, DATASETS, DATA_METHODS, ALGORITHMS, INITIALIZERS,
-                                   INR_TARGETS)}
+                                   INR_TARGETS, IMAGE_SETS, NOISES)}
