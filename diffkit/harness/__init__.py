@@ -10,22 +10,26 @@ from .diffgrad import DiffGrad, function_1d, global_minimum_1d
 from .elr import ELRLoss
 from .experiment import run_method
 from .ghost_bn import GhostBatchNorm1d
+from .growth import Growth, TemplateLinear, TemplateMLP, grow
 from .hessian_alignment import HessianAlignment, hessian_gradient_product, hutchinson_diagonal
 from .loop import TrainState, load_checkpoint, save_checkpoint, train
 from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, ardae_loss
 from .registry import ALGORITHMS, DATA_METHODS, DATASETS, IMAGE_SETS, LAYERS, LOSSES, MODELS, NOISES, OPTIMIZERS
 from .report import append_results, paired_interval, read_results, write_report
+from .shift import ShiftLinear, denseshift_levels, pot_levels
+from .statsq import LevelFlips, StatsQLinear, statsq
 from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
 
 __all__ = [
     "ALGORITHMS", "DATASETS", "DATA_METHODS", "IMAGE_SETS", "LAYERS", "LOSSES", "MODELS", "NOISES", "OPTIMIZERS",
     "AdaGradNorm", "AdaptiveBatchSize", "BinaryLinear", "DiffGrad", "ELRLoss", "GammaNoise", "GaussianNoise",
-    "GhostBatchNorm1d", "HessianAlignment", "Noise2Score", "ScoreUNet", "SupervisedDenoiser", "TrainState",
-    "WeightCompanderStandIn", "append_results", "apply_weight_compander", "ardae_loss", "estimating_error",
-    "function_1d", "global_minimum_1d", "gradient_stability", "hessian_gradient_product", "hutchinson_diagonal",
+    "GhostBatchNorm1d", "Growth", "HessianAlignment", "LevelFlips", "Noise2Score", "ScoreUNet", "ShiftLinear",
+    "StatsQLinear", "SupervisedDenoiser", "TemplateLinear", "TemplateMLP", "TrainState", "WeightCompanderStandIn",
+    "append_results", "apply_weight_compander", "ardae_loss", "denseshift_levels", "estimating_error", "function_1d",
+    "global_minimum_1d", "gradient_stability", "grow", "hessian_gradient_product", "hutchinson_diagonal",
     "inner_product_test_batch_size", "input_gradients", "load_card", "load_checkpoint", "method_config",
-    "norm_test_batch_size", "paired_interval", "read_results", "reste_derivative", "reste_o", "run_method",
-    "save_checkpoint", "signal_mass", "siren", "siren_init", "spectral_centroid", "train", "validate_card",
-    "winner_init", "winner_noise_scales_empirical", "write_report",
+    "norm_test_batch_size", "paired_interval", "pot_levels", "read_results", "reste_derivative", "reste_o",
+    "run_method", "save_checkpoint", "signal_mass", "siren", "siren_init", "spectral_centroid", "statsq", "train",
+    "validate_card", "winner_init", "winner_noise_scales_empirical", "write_report"
 ]

@@ -17,17 +17,21 @@ from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, IMAGE_SETS, INITIALIZ
                        MODELS, NOISES, OPTIMIZERS)
 
 
-TASKS = ("classify", "function_1d", "inr", "denoise")
+TASKS = ("classify", "function_1d", "inr", "denoise", "grow")
 SECTIONS = ("data", "model", "optimizer", "loss", "algorithm", "budget")
 REQUIRED = ("name", "paper", "task", "methods", "baseline", "seeds", "metric", "metrics", "expected")
 OPTIONAL = SECTIONS
 CLASSIFY_METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "signal_mass", "estimating_error",
                     "gradient_stability", "noisy_train_fit", "steps_to_target", "examples_to_target", "reached_target",
-                    "final_batch_size")
+                    "final_batch_size", "zero_weight_fraction", "level_flips_first_epoch",
+                    "level_flips_last_epoch")
 INR_METRICS = ("psnr", "best_psnr", "psnr_quarter")
 # denoise: PSNR of the estimate and of the noisy input (both clipped to [0, 1]) and their difference
 DENOISE_METRICS = ("psnr", "psnr_noisy", "psnr_gain")
-MODEL_LAYER_KEYS = ("norm", "binary", "reparam")  # model parameters that name a LAYERS entry
+# grow: the grown (or from-scratch) network's accuracy, and the members' and the just-grown network's
+GROW_METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "members_test_accuracy", "grown_test_accuracy")
+GROWTH_ALGORITHMS = ("mixturegrowth", "random_growth")  # the ALGORITHMS entries that build a Growth
+MODEL_LAYER_KEYS = ("norm", "binary", "linear", "reparam")  # model parameters that name a LAYERS entry
 # target_accuracy (tested every eval_steps steps) adds the steps / examples a classifier needs to reach it
 BUDGET_DEFAULTS = {"epochs": 10, "batch_size": 64, "eval_every": 0, "steps": 300, "x0": -1.0, "target_accuracy": None,
                    "eval_steps": 1}
@@ -85,7 +89,10 @@ def _check_classify(config: dict, where: str) -> None:
             LAYERS.check(*component_spec(params[key], f"{where}.model.{key}"))
     MODELS.check(name, {k: v for k, v in params.items() if k not in MODEL_LAYER_KEYS})
     LOSSES.check(*component_spec(config.get("loss", "ce"), f"{where}.loss"))
-    ALGORITHMS.check(*component_spec(config.get("algorithm", "erm"), f"{where}.algorithm"))
+    name, params = component_spec(config.get("algorithm", "erm"), f"{where}.algorithm")
+    ALGORITHMS.check(name, params)
+    if name in GROWTH_ALGORITHMS:
+        raise ValueError(f"{where}.algorithm {name!r} grows a network: it needs task 'grow', not 'classify'")
 
 
 def _check_inr(config: dict, where: str) -> None:
@@ -108,6 +115,27 @@ def _check_denoise(config: dict, where: str) -> None:
     denoisers = sorted(n for n in ALGORITHMS if hasattr(ALGORITHMS.get(n).constructor, "estimate"))
     if name not in denoisers:
         raise ValueError(f"{where}.algorithm must be a denoiser, one of {', '.join(denoisers)}, got {name!r}")
+
+
+def _check_grow(config: dict, where: str) -> None:
+    name, params = component_spec(config.get("data"), f"{where}.data")
+    DATASETS.check(name, {k: v for k, v in params.items() if k != "methods"})
+    for i, method in enumerate(params.get("methods", [])):
+        DATA_METHODS.check(*component_spec(method, f"{where}.data.methods[{i}]"))
+    name, params = component_spec(config.get("model"), f"{where}.model")
+    if name != "template_mlp":
+        raise ValueError(f"{where}.model must be template_mlp (the growth members), got {name!r}")
+    MODELS.check(name, params)
+    LOSSES.check(*component_spec(config.get("loss", "ce"), f"{where}.loss"))
+    name, params = component_spec(config.get("algorithm", "erm"), f"{where}.algorithm")
+    if name != "erm" and name not in GROWTH_ALGORITHMS:
+        raise ValueError(f"{where}.algorithm must be erm (train the grown size from scratch) or a growth algorithm, "
+                         f"one of {', '.join(GROWTH_ALGORITHMS)}, got {name!r}")
+    algorithm = ALGORITHMS.build(name, **params)
+    epochs = config["budget"]["epochs"]
+    if name != "erm" and not algorithm.member_epochs < epochs:
+        raise ValueError(f"{where}.algorithm.member_epochs must be < budget.epochs = {epochs}, got "
+                         f"{algorithm.member_epochs!r}")
 
 
 def validate_card(card: dict, source: str = "card") -> dict:
@@ -137,6 +165,8 @@ def validate_card(card: dict, source: str = "card") -> dict:
         allowed_metrics = INR_METRICS
     elif card["task"] == "denoise":
         allowed_metrics = DENOISE_METRICS
+    elif card["task"] == "grow":
+        allowed_metrics = GROW_METRICS
     else:
         functions = card.get("data", {}).get("functions") if isinstance(card.get("data"), dict) else None
         if not (isinstance(functions, list) and functions and set(functions) <= set(FUNCTIONS_1D)):
@@ -165,4 +195,6 @@ def validate_card(card: dict, source: str = "card") -> dict:
             _check_inr(config, f"{source}: methods.{method}")
         elif card["task"] == "denoise":
             _check_denoise(config, f"{source}: methods.{method}")
+        elif card["task"] == "grow":
+            _check_grow(config, f"{source}: methods.{method}")
     return card

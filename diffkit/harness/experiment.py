@@ -14,8 +14,11 @@ from .binary import BinaryDiagnostics, binary_layers
 from .cards import MODEL_LAYER_KEYS, component_spec, method_config
 from .diffgrad import function_1d, global_minimum_1d
 from .loop import accuracy, gather_rows, train
+from .models import mlp
 from .data import HarnessData, inr_grid
 from .noise2score import image_psnr
+from .shift import ShiftDiagnostics, ShiftLinear
+from .statsq import LevelFlips
 from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, IMAGE_SETS, INITIALIZERS, INR_TARGETS, LAYERS, LOSSES,
                        MODELS, NOISES, OPTIMIZERS)
 
@@ -42,8 +45,8 @@ def build_data(config: dict, seed: int):
 
 
 def build_model(config: dict, data, epochs: int):
-    """The model and the hooks its layers need (ReSTE's annealing, binary diagnostics); a ``reparam`` layer (weight
-    compander) is applied to the built model."""
+    """The model and the hooks its layers need (ReSTE's annealing, binary, shift and level-flip diagnostics); a
+    ``reparam`` layer (weight compander) is applied to the built model."""
     name, params = component_spec(config["model"], "model")
     hooks, layers = [], {}
     for key in MODEL_LAYER_KEYS:
@@ -56,6 +59,10 @@ def build_model(config: dict, data, epochs: int):
         reparam(model)
     if binary_layers(model):
         hooks.append(BinaryDiagnostics())
+    if any(isinstance(m, ShiftLinear) for m in model.modules()):
+        hooks.append(ShiftDiagnostics())
+    if any(hasattr(m, "integer_weight") for m in model.modules()):
+        hooks.append(LevelFlips())
     return model, hooks
 
 
@@ -174,6 +181,49 @@ def _denoise(config: dict, seed: int, accelerator: Accelerator, progress: bool) 
     return {"psnr": psnr, "psnr_noisy": noisy, "psnr_gain": psnr - noisy}
 
 
+def _grow(config: dict, seed: int, accelerator: Accelerator, progress: bool) -> dict:
+    """A ``grow`` card: erm trains the MLP of twice the members' width from scratch for ``budget.epochs``; a growth
+    algorithm trains two template members for ``member_epochs`` each, grows them, and trains the grown MLP for the
+    remaining epochs (a fresh optimizer, as for a new network), so every method takes the same number of steps."""
+    budget = config["budget"]
+    data = build_data(config, seed)
+    name, params = component_spec(config["model"], "model")
+    criterion = _build(LOSSES, config.get("loss", "ce"), len(data.y_train), data.num_classes, None)
+    algorithm = _build(ALGORITHMS, config.get("algorithm", "erm"))
+    device = accelerator.device
+
+    def fit(model, epochs, run_seed):
+        optimizer = _build(OPTIMIZERS, config["optimizer"], model.parameters())
+        state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=epochs,
+                      batch_size=budget["batch_size"], seed=run_seed, hooks=(), eval_every=budget["eval_every"],
+                      accelerator=accelerator, progress=progress)
+        return state.unwrapped_model.eval(), state
+
+    def test_accuracy(model):
+        return accuracy(model, data.x_test.to(device), data.y_test.to(device), accelerator)
+
+    torch.manual_seed(seed)  # the same members (and so the same grown diagonal) for every growth method of a seed
+    metrics = {}
+    if hasattr(algorithm, "grow"):
+        members = [MODELS.build(name, data.num_features, data.num_classes, **params) for _ in range(2)]
+        # the members see the data in different orders, as two independently trained networks would
+        members = [fit(m, algorithm.member_epochs, 2 * seed + i)[0] for i, m in enumerate(members)]
+        model = algorithm.grow(*members, torch.Generator().manual_seed(seed)).to(device)
+        metrics["members_test_accuracy"] = sum(map(test_accuracy, members)) / 2
+        metrics["grown_test_accuracy"] = test_accuracy(model)
+        epochs = budget["epochs"] - algorithm.member_epochs
+    else:
+        p = MODELS.check(name, params)
+        model, epochs = mlp(data.num_features, data.num_classes, [2 * p["hidden"]] * p["depth"]), budget["epochs"]
+    net, state = fit(model, epochs, seed)
+    metrics.update(test_accuracy=test_accuracy(net), train_loss=state.history[-1]["train_loss"])
+    evaluated = [h["test_accuracy"] for h in state.history if "test_accuracy" in h]
+    if evaluated:
+        metrics["best_test_accuracy"] = max(evaluated)
+    accelerator.free_memory()
+    return metrics
+
+
 def _function_1d(config: dict, card: dict) -> dict:
     """diffGrad's analytical experiment: minimise each 1-D function from x0; x and the gap to the global minimum."""
     budget, metrics = config["budget"], {}
@@ -203,6 +253,8 @@ def run_method(card: dict, method: str, seed: int, accelerator: Accelerator | No
         metrics = _inr(config, seed, accelerator, progress)
     elif card["task"] == "denoise":
         metrics = _denoise(config, seed, accelerator, progress)
+    elif card["task"] == "grow":
+        metrics = _grow(config, seed, accelerator, progress)
     else:
         metrics = _classify(config, card, seed, accelerator, progress)
     curves = metrics.pop("curves", None)

@@ -1,5 +1,6 @@
-"""Harness models: an MLP whose hidden layers take a normalisation layer (BN, Ghost BN) or binary weights
-(STE / ReSTE / BiPer) by name, so a card varies exactly one thing."""
+"""Harness models: an MLP whose hidden layers take a normalisation layer (BN, Ghost BN), binary weights
+(STE / ReSTE / BiPer) or another weight layer (power-of-two shift weights, StatsQ) by name, so a card varies exactly one
+thing."""
 
 from collections.abc import Callable, Sequence
 
@@ -9,19 +10,22 @@ from .binary import BinaryLinear, SignActivation
 
 
 def mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (256, 256),
-        norm: Callable[[int], nn.Module] | None = None, binary: Callable[[int, int], nn.Module] | None = None
-        ) -> nn.Sequential:
+        norm: Callable[[int], nn.Module] | None = None, binary: Callable[[int, int], nn.Module] | None = None,
+        linear: Callable[[int, int], nn.Module] | None = None) -> nn.Sequential:
     """Linear -> [norm] -> ReLU blocks and a linear head. With ``binary`` (a BinaryLinear factory) each hidden block is
     binary-linear -> BN (``norm`` or BatchNorm1d) -> sign, the 1W1A layout of the ReSTE/BiPer MLP baselines; the
-    head stays full precision, as in both papers."""
+    head stays full precision, as in both papers. ``linear`` (a factory (in, out) -> module) replaces the hidden
+    blocks' nn.Linear, keeping full-precision ReLU activations (DenseShift's setting: low-bit weights only)."""
     if not (isinstance(hidden, Sequence) and hidden and all(isinstance(h, int) and h > 0 for h in hidden)):
         raise ValueError(f"hidden must be a non-empty list of positive ints, got {hidden!r}")
+    if binary is not None and linear is not None:
+        raise ValueError("binary and linear both replace the hidden weight layer; give at most one")
     layers, width = [], num_features
     for h in hidden:
         if binary is not None:
             layers += [binary(width, h), (norm or nn.BatchNorm1d)(h), SignActivation()]
         else:
-            layers += [nn.Linear(width, h)] + ([norm(h)] if norm is not None else []) + [nn.ReLU()]
+            layers += [(linear or nn.Linear)(width, h)] + ([norm(h)] if norm is not None else []) + [nn.ReLU()]
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)

@@ -20,9 +20,12 @@ from .compander import apply_weight_compander
 from .diffgrad import DiffGrad
 from .elr import ELRLoss
 from .ghost_bn import GhostBatchNorm1d
+from .growth import Growth, TemplateMLP
 from .hessian_alignment import HessianAlignment
 from .models import binary_factory, mlp
 from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, mse
+from .shift import shift_factory
+from .statsq import statsq_factory
 from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
 
@@ -118,13 +121,21 @@ def _binary(estimator):
     return make
 
 
+def _shift(quantizer):
+    def make(epochs, bits):
+        return shift_factory(quantizer, bits), []
+
+    return make
+
+
 def _compander(epochs, **params):
     apply_weight_compander(nn.Linear(1, 1), **params)  # validate now, not after the model is built
     return (lambda model: apply_weight_compander(model, **params)), []
 
 
 # layers are built with the context (epochs,) and return (layer factory, training hooks); a "reparam" entry returns
-# a function applied to the built model instead
+# a function applied to the built model instead; "binary" entries go under the model's binary key, shift weights
+# (denseshift, pot) and StatsQ weights under its linear key
 LAYERS = Registry("layer", {
     "bn": Entry(_norm(nn.BatchNorm1d), {}, "Ioffe & Szegedy, ICML 2015"),
     "ghost_bn": Entry(_norm(GhostBatchNorm1d), {"ghost_size": 32},
@@ -133,13 +144,27 @@ LAYERS = Registry("layer", {
     "reste": Entry(_binary("reste"), {"t": 1.5, "o_end": 3.0},
                    "Wu et al., ICCV 2023; DravenALG/ReSTE model/binary_module/binarized_modules.py"),
     "biper": Entry(_binary("biper"), {"omega": 20.0}, "Vargas et al., CVPR 2024, arXiv 2404.01278; edmav4/BiPer"),
+    "denseshift": Entry(_shift("denseshift"), {"bits": 3},
+                        "Li et al., DenseShift, ICCV 2023, arXiv 2208.09708 (zero-free w = s 2^-p, sign-scale "
+                        "decomposition); official code not located, built from the paper's description"),
+    "pot": Entry(_shift("pot"), {"bits": 3},
+                 "plain power-of-two quantizer with a zero level (DeepShift-Q, Elhoushi et al., arXiv 1905.13298), "
+                 "the baseline DenseShift's zero-free grid replaces"),
+    "statsq": Entry(lambda epochs, bits: (statsq_factory(bits), []), {"bits": 2},
+                    "Liu et al., Oscillation-free Quantization for Low-bit Vision Transformers (OFQ), ICML 2023; "
+                    "nbasyl/OFQ src/quantization/quantizer/statsq.py (without CGA)"),
     "weight_compander": Entry(_compander, {"alpha": 1.0, "beta": 0.5},
                               "Cakaj, Mehnert & Yang, IJCNN 2023, arXiv 2306.16993 -- STAND-IN wc(v) = alpha tanh(v / "
                               "beta) built from the abstract; the paper's Eq. 1 was not retrievable"),
 })
 
 MODELS = Registry("model", {
-    "mlp": Entry(mlp, {"hidden": [256, 256], "norm": None, "binary": None}, "multilayer perceptron"),
+    "mlp": Entry(mlp, {"hidden": [256, 256], "norm": None, "binary": None, "linear": None}, "multilayer perceptron"),
+    "template_mlp": Entry(TemplateMLP, {"hidden": 128, "depth": 3, "templates": 2},
+                          "MixtureGrowth member, Pham et al., WACV 2024, arXiv 2311.04251: hidden-to-hidden weights "
+                          "W_l = sum_k alpha_lk T_k over shared templates (chaudatascience/mixturegrowth "
+                          "models/layers.py); a grow card's from-scratch method trains the plain MLP of twice the "
+                          "width"),
     "siren": Entry(siren, {"hidden": 128, "layers": 3, "omega0": 30.0},
                    "Sitzmann et al., NeurIPS 2020, arXiv 2006.09661 (sine layers, omega0 = 30)"),
     "score_unet": Entry(ScoreUNet, {"width": 16},
@@ -230,6 +255,12 @@ ALGORITHMS = Registry("algorithm", {
     "noise2score": Entry(Noise2Score, {"sigma_start": 0.05, "sigma_end": 0.001},
                          "Kim & Ye, NeurIPS 2021 (AR-DAE score + Tweedie); cubeyoung/Noise2Score models/networks.py, "
                          "models/Gaussian_model.py (sigma_a 0.05 -> 0.001, linear)"),
+    "mixturegrowth": Entry(lambda member_epochs: Growth("templates", member_epochs), {"member_epochs": 30},
+                           "Pham et al., MixtureGrowth, WACV 2024, arXiv 2311.04251: new blocks = fresh linear "
+                           "combinations of the members' trained templates"),
+    "random_growth": Entry(lambda member_epochs: Growth("random", member_epochs), {"member_epochs": 30},
+                           "growth with random new blocks (the random-initialisation growth baseline of Pham et al., "
+                           "WACV 2024)"),
     "supervised_denoiser": Entry(SupervisedDenoiser, {},
                                  "residual denoiser trained on clean targets (DnCNN-style, Zhang et al., TIP 2017)"),
 })
