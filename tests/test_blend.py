@@ -42,6 +42,12 @@ def test_modalities_are_images_of_the_digit(digits):
     for name in ("edges", "low_resolution", "ink_mask"):
         control = extract(name, images)
         assert control.shape == images.shape and control.min() >= -1 and control.max() <= 1
+    # edges of a filled square: exactly the pixels whose 3x3 neighbourhood holds both ink and background
+    square = -torch.ones(1, 3, 16, 16)
+    square[..., 5:11, 4:12] = 1
+    ink_map = (square[:, :1] > 0).float()
+    boundary = torch.nn.functional.max_pool2d(ink_map, 3, 1, 1) != -torch.nn.functional.max_pool2d(-ink_map, 3, 1, 1)
+    assert torch.equal(extract("edges", square)[:, :1] > 0, boundary)
     ink = extract("ink_mask", images)
     assert set(ink.unique().tolist()) == {-1.0, 1.0}
     # the low-resolution image keeps each 4x4 cell's mean colour

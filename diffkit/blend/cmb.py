@@ -131,10 +131,9 @@ def complete(
     t_model = ts.to(device=noise.device, dtype=torch.float32)
     keep = 1 - mask
 
-    def paint(x, i):  # the branches' batch holds k copies of the images
-        copies = x.shape[0] // known.shape[0]
-        noisy_known = (alpha[i] * known + sigma[i] * noise).repeat(copies, 1, 1, 1)
-        return mask.repeat(copies, 1, 1, 1) * x + keep.repeat(copies, 1, 1, 1) * noisy_known
+    def paint(x, i):  # the branches' batch stacks k copies of the images: broadcast over the copies
+        copies = x.view(-1, *known.shape)
+        return (mask * copies + keep * (alpha[i] * known + sigma[i] * noise)).view_as(x)
 
     def run(x, feats, cond_, uncond_, on_step, stop_after=None):
         def step(info):

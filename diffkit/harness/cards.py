@@ -78,11 +78,15 @@ def component_spec(value, where: str) -> tuple[str, dict]:
     raise ValueError(f"{where} must be a name or a table with a 'name', got {value!r}")
 
 
-def _check_classify(config: dict, where: str) -> None:
+def _check_data(config: dict, where: str) -> None:
     name, params = component_spec(config.get("data"), f"{where}.data")
     DATASETS.check(name, {k: v for k, v in params.items() if k != "methods"})
     for i, method in enumerate(params.get("methods", [])):
         DATA_METHODS.check(*component_spec(method, f"{where}.data.methods[{i}]"))
+
+
+def _check_classify(config: dict, where: str) -> None:
+    _check_data(config, where)
     name, params = component_spec(config.get("model"), f"{where}.model")
     for key in MODEL_LAYER_KEYS:
         if key in params:
@@ -118,10 +122,7 @@ def _check_denoise(config: dict, where: str) -> None:
 
 
 def _check_grow(config: dict, where: str) -> None:
-    name, params = component_spec(config.get("data"), f"{where}.data")
-    DATASETS.check(name, {k: v for k, v in params.items() if k != "methods"})
-    for i, method in enumerate(params.get("methods", [])):
-        DATA_METHODS.check(*component_spec(method, f"{where}.data.methods[{i}]"))
+    _check_data(config, where)
     name, params = component_spec(config.get("model"), f"{where}.model")
     if name != "template_mlp":
         raise ValueError(f"{where}.model must be template_mlp (the growth members), got {name!r}")
