@@ -14,6 +14,7 @@ from .growth import Growth, TemplateLinear, TemplateMLP, grow
 from .hessian_alignment import HessianAlignment, hessian_gradient_product, hutchinson_diagonal
 from .loop import TrainState, load_checkpoint, save_checkpoint, train
 from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, ardae_loss
+from .ofq import ConfidenceGuidedAnnealing, StatsQAttention, TinyViT, cga_frozen_mask
 from .registry import ALGORITHMS, DATA_METHODS, DATASETS, IMAGE_SETS, LAYERS, LOSSES, MODELS, NOISES, OPTIMIZERS
 from .report import append_results, paired_interval, read_results, write_report
 from .shift import ShiftLinear, denseshift_levels, pot_levels
@@ -26,6 +27,7 @@ __all__ = [
     "AdaGradNorm", "AdaptiveBatchSize", "BinaryLinear", "DiffGrad", "ELRLoss", "GammaNoise", "GaussianNoise",
     "GhostBatchNorm1d", "Growth", "HessianAlignment", "LevelFlips", "Noise2Score", "ScoreUNet", "ShiftLinear",
     "StatsQLinear", "SupervisedDenoiser", "TemplateLinear", "TemplateMLP", "TrainState", "WeightCompanderStandIn",
+    "ConfidenceGuidedAnnealing", "StatsQAttention", "TinyViT", "cga_frozen_mask",  # OFQ's CGA and QKR
     "append_results", "apply_weight_compander", "ardae_loss", "denseshift_levels", "estimating_error", "function_1d",
     "global_minimum_1d", "gradient_stability", "grow", "hessian_gradient_product", "hutchinson_diagonal",
     "inner_product_test_batch_size", "input_gradients", "load_card", "load_checkpoint", "method_config",

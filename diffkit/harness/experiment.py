@@ -11,9 +11,10 @@ from .. import __version__
 from .adadagrad import StepsToTarget
 from .attribution import signal_mass
 from .binary import BinaryDiagnostics, binary_layers
+from .condensation import evaluate_synset
 from .cards import MODEL_LAYER_KEYS, component_spec, method_config
 from .diffgrad import function_1d, global_minimum_1d
-from .loop import accuracy, gather_rows, train
+from .loop import HOOK_POINTS, accuracy, gather_rows, train
 from .models import mlp
 from .data import HarnessData, inr_grid
 from .noise2score import image_psnr
@@ -83,6 +84,8 @@ def _classify(config: dict, card: dict, seed: int, accelerator: Accelerator, pro
     gather = accelerator.gather if accelerator.num_processes > 1 else None
     criterion = _build(LOSSES, config.get("loss", "ce"), len(data.y_train), data.num_classes, gather)
     algorithm = _build(ALGORITHMS, config.get("algorithm", "erm"))
+    if any(hasattr(algorithm, point) for point in HOOK_POINTS):  # an algorithm with hook methods (CGA) is a hook too
+        hooks.append(algorithm)
     if budget["target_accuracy"] is not None:
         hooks.append(StepsToTarget(data.x_test, data.y_test, budget["target_accuracy"], budget["eval_steps"]))
     state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=budget["epochs"],
@@ -224,6 +227,49 @@ def _grow(config: dict, seed: int, accelerator: Accelerator, progress: bool) -> 
     return metrics
 
 
+def condensed_set(config: dict, seed: int, device: torch.device | str = "cpu", progress: bool = False) -> dict:
+    """Build one method's condensed set (random real images, DC or DCC) from the standardised training images of
+    a ``condense`` card's data. Returns the set (``x_syn``, ``y_syn``, in standardised units), the matching-loss
+    ``curve``, the standardised test set, ``make_net`` and the standardisation ``mean`` / ``std``."""
+    data = build_data(config, seed)
+    if data.image_shape is None:
+        raise ValueError(f"a condense card needs an image data set, got {config['data']!r}")
+    x, x_test = data.x_train.view(-1, *data.image_shape), data.x_test.view(-1, *data.image_shape)
+    mean, std = x.mean(), x.std()  # DC normalises images by the training set's statistics
+    x, x_test = ((x - mean) / std).to(device), ((x_test - mean) / std).to(device)
+    name, params = component_spec(config["model"], "model")
+
+    def make_net():
+        return MODELS.build(name, data.image_shape, data.num_classes, **params)
+
+    condensation = _build(ALGORITHMS, config["algorithm"])
+    torch.manual_seed(seed)  # the same sequence of networks for DC and DCC
+    x_syn, y_syn, curve = condensation.build(x, data.y_train.to(device), data.num_classes, make_net,
+                                             torch.Generator().manual_seed(seed), progress)
+    return {"x_syn": x_syn, "y_syn": y_syn, "curve": curve, "x_test": x_test, "y_test": data.y_test.to(device),
+            "make_net": make_net, "mean": mean.item(), "std": std.item()}
+
+
+def _condense(config: dict, seed: int, accelerator: Accelerator, progress: bool) -> dict:
+    """A ``condense`` card: build the condensed set, train ``budget.eval_models`` fresh networks on it (DC's
+    ``evaluate_synset``) and report their mean test accuracy. The data split, the networks' initialisations and the
+    evaluation seeds are shared by every method of a seed."""
+    budget = config["budget"]
+    built = condensed_set(config, seed, accelerator.device, progress)
+    accuracies = []
+    for i in range(budget["eval_models"]):
+        torch.manual_seed(90_000 + 100 * seed + i)  # evaluation networks independent of how the set was made
+        accuracies.append(evaluate_synset(built["x_syn"], built["y_syn"], built["x_test"], built["y_test"],
+                                          built["make_net"], epochs=budget["epochs"],
+                                          generator=torch.Generator().manual_seed(i)))
+    metrics = {"test_accuracy": sum(accuracies) / len(accuracies),
+               "test_accuracy_min": min(accuracies), "test_accuracy_max": max(accuracies)}
+    if built["curve"]:
+        metrics["final_matching_loss"] = built["curve"][-1][1]
+        metrics["curves"] = {"matching_loss": built["curve"]}
+    return metrics
+
+
 def _function_1d(config: dict, card: dict) -> dict:
     """diffGrad's analytical experiment: minimise each 1-D function from x0; x and the gap to the global minimum."""
     budget, metrics = config["budget"], {}
@@ -255,6 +301,8 @@ def run_method(card: dict, method: str, seed: int, accelerator: Accelerator | No
         metrics = _denoise(config, seed, accelerator, progress)
     elif card["task"] == "grow":
         metrics = _grow(config, seed, accelerator, progress)
+    elif card["task"] == "condense":
+        metrics = _condense(config, seed, accelerator, progress)
     else:
         metrics = _classify(config, card, seed, accelerator, progress)
     curves = metrics.pop("curves", None)

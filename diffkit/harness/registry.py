@@ -17,6 +17,7 @@ from .adadagrad import AdaGradNorm, AdaptiveBatchSize
 from .algorithms import ERM, AdversarialL2
 from .binary import ResteAnnealing
 from .compander import apply_weight_compander
+from .condensation import Condensation, ConvNet
 from .diffgrad import DiffGrad
 from .elr import ELRLoss
 from .ghost_bn import GhostBatchNorm1d
@@ -24,6 +25,7 @@ from .growth import Growth, TemplateMLP
 from .hessian_alignment import HessianAlignment
 from .models import binary_factory, mlp
 from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, mse
+from .ofq import ConfidenceGuidedAnnealing, TinyViT
 from .shift import shift_factory
 from .statsq import statsq_factory
 from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
@@ -159,7 +161,14 @@ LAYERS = Registry("layer", {
 })
 
 MODELS = Registry("model", {
+    "convnet": Entry(ConvNet, {"width": 128, "depth": 3},
+                     "DC's ConvNet (conv 3x3 -> instance norm -> ReLU -> avg-pool blocks), Zhao et al., ICLR 2021; "
+                     "VICO-UoE/DatasetCondensation networks.py; built with (image_shape, num_classes)"),
     "mlp": Entry(mlp, {"hidden": [256, 256], "norm": None, "binary": None, "linear": None}, "multilayer perceptron"),
+    "vit": Entry(TinyViT, {"dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 2, "patch": 2, "bits": None, "qkr": False},
+                 "ViT (Dosovitskiy et al., ICLR 2021) in DeiT's layout (Touvron et al., ICML 2021), shrunk for 8x8 "
+                 "digits; bits = StatsQ weights, qkr = query-key reparameterisation, OFQ (Liu et al., ICML 2023), "
+                 "nbasyl/OFQ src/quantization/modules/attention.py QAttention_qkreparam"),
     "template_mlp": Entry(TemplateMLP, {"hidden": 128, "depth": 3, "templates": 2},
                           "MixtureGrowth member, Pham et al., WACV 2024, arXiv 2311.04251: hidden-to-hidden weights "
                           "W_l = sum_k alpha_lk T_k over shared templates (chaudatascience/mixturegrowth "
@@ -222,6 +231,9 @@ DATASETS = Registry("dataset", {
 
 # data methods are built with the context (data, seed)
 DATA_METHODS = Registry("data method", {
+    "distractors": Entry(harness_data.distractors, {"count": 1},
+                         "task-irrelevant content, after Lee et al., Dataset Condensation with Contrastive Signals, "
+                         "ICML 2022, Sec. 3 (random digits beside the labelled one)"),
     "symmetric_noise": Entry(harness_data.symmetric_noise, {"percent": 0.4},
                              "ELR's noise model, shengliu66/ELR ELR/data_loader/cifar10.py"),
     "blockmnist": Entry(lambda data, seed, classes: harness_data.blockmnist(data, seed, tuple(classes)),
@@ -234,7 +246,20 @@ DATA_METHODS = Registry("data method", {
         "huawei-noah/Federated-Learning HessianAlignment/cmnist/cmnist_HGP.py"),
 })
 
+_CONDENSATION_DEFAULTS = {"ipc": 1, "iterations": 1000, "lr_img": 0.1, "lr_net": 0.01, "batch_real": 256,
+                          "init": "noise", "outer_loop": None, "inner_loop": None}
+
 ALGORITHMS = Registry("algorithm", {
+    "random_selection": Entry(lambda ipc: Condensation("random", ipc), {"ipc": 1},
+                              "random real images per class, the coreset baseline of Zhao et al., ICLR 2021"),
+    "dc": Entry(lambda **p: Condensation("dc", **p), dict(_CONDENSATION_DEFAULTS),
+                "Zhao, Mopuri & Bilen, Dataset Condensation with Gradient Matching, ICLR 2021; "
+                "VICO-UoE/DatasetCondensation main.py (class-wise gradient matching, DC's defaults)"),
+    "dcc": Entry(lambda **p: Condensation("dcc", **p),
+                 {**_CONDENSATION_DEFAULTS, "warmup_iterations": 250, "warmup_updates": 10},
+                 "Lee et al., Dataset Condensation with Contrastive Signals, ICML 2022, arXiv 2202.02916; "
+                 "saehyung-lee/dcc main.py (gradients summed over classes before matching, after a bi-level warm-up "
+                 "on DC's class-wise loss)"),
     "erm": Entry(ERM, {}, "empirical risk minimisation"),
     "adversarial_l2": Entry(AdversarialL2, {"eps": 2.0, "steps": 5, "step_size": None},
                             "Madry et al., ICLR 2018 (L2 PGD); harshays/inputgradients pgd_adv_fit_model"),
@@ -261,6 +286,10 @@ ALGORITHMS = Registry("algorithm", {
     "random_growth": Entry(lambda member_epochs: Growth("random", member_epochs), {"member_epochs": 30},
                            "growth with random new blocks (the random-initialisation growth baseline of Pham et al., "
                            "WACV 2024)"),
+    "cga": Entry(ConfidenceGuidedAnnealing, {"freeze_epochs": 15, "boundary_range": 0.005},
+                 "confidence-guided annealing, OFQ (Liu et al., ICML 2023, arXiv 2302.02210); nbasyl/OFQ cga.py "
+                 "(freeze_outside_boundary_weight_idx, --freeze_for_n_epochs 15, --boundaryRange 0.005): the last "
+                 "freeze_epochs epochs of the budget rather than a separate fine-tuning run"),
     "supervised_denoiser": Entry(SupervisedDenoiser, {},
                                  "residual denoiser trained on clean targets (DnCNN-style, Zhang et al., TIP 2017)"),
 })

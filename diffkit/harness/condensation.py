@@ -1,0 +1,231 @@
+"""Dataset condensation by gradient matching: DC (Zhao, Mopuri & Bilen, ICLR 2021; VICO-UoE/DatasetCondensation
+``main.py``, ``utils.py``) and DCC, its contrastive-signal variant (Lee et al., "Dataset Condensation with
+Contrastive Signals", ICML 2022, arXiv 2202.02916), with random selection as the reference a condensed set must beat.
+
+A synthetic set S of ``ipc`` images per class is learned so that a network's gradient on S matches its gradient on
+the real set T, over many freshly initialised networks and along their training on S (the outer / inner loops).
+The two methods differ only in what is matched:
+
+- DC, class by class:       L = sum_c D(grad l(S_c), grad l(T_c));
+- DCC, summed over classes: L = D(sum_c grad l(S_c), sum_c grad l(T_c)),
+
+where l is the mean cross-entropy of a class's batch and D the layer-wise distance of DC's ``distance_wb``: for each
+weight tensor, sum over output units of (1 - cos) between the real and synthetic gradient rows (biases and norm
+parameters, 1-D, count zero). A class-wise gradient carries what a class's images have in common, distractors
+included; the summed gradient keeps only what separates the classes (what is common cancels in the softmax), which
+is DCC's argument for data where task-irrelevant content dominates.
+
+DCC's bi-level warm-up (saehyung-lee/dcc ``main.py``, ``--outer_warmup 250 --inner_warmup 10``): a synthetic-set
+update uses DC's class-wise loss while both the iteration is below ``warmup_iterations`` and the update's index
+within the iteration is below ``warmup_updates``, DCC's loss otherwise. (The official code calls DC's outer loop its
+inner loop; here the names follow DC.) The official DCC code starts from random real images, for DC as for DCC.
+
+Left out: DSA augmentation. Evaluation trains fresh networks on the set without augmentation (DC's setting for all data sets
+but MNIST), 300 epochs of SGD (lr 0.01, momentum 0.9, weight decay 5e-4, lr / 10 at half), as ``evaluate_synset``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+# DC's (outer_loop, inner_loop) per images-per-class (utils.get_loops): the number of synthetic-set updates per
+# network, and the epochs the network trains on the synthetic set between them
+DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+
+
+class ConvNet(nn.Module):
+    """DC's ConvNet: ``depth`` blocks of 3x3 conv -> instance norm (GroupNorm with one group per channel, as DC's
+    'instancenorm') -> ReLU -> 2x2 average pooling, then a linear classifier. Instance norm keeps each image's
+    output independent of its batch, so per-class and whole-set batches give the same per-image gradients."""
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 128, depth: int = 3):
+        super().__init__()
+        channels, height, width_px = image_shape
+        if min(height, width_px) >> depth < 1:
+            raise ValueError(f"depth {depth} pools a {height}x{width_px} image below 1x1")
+        layers, c = [], channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width), nn.ReLU(), nn.AvgPool2d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * (height >> depth) * (width_px >> depth), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def gradient_distance(syn: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
+    """DC's layer-wise distance: per weight tensor (rows = output units), sum of (1 - cos) between matching rows;
+    1-D tensors (biases, norm affine parameters) are skipped, as ``distance_wb`` returns 0 for them."""
+    total = syn[0].new_zeros(())
+    for gs, gr in zip(syn, real):
+        if gs.dim() == 1:
+            continue
+        gs, gr = gs.flatten(1), gr.flatten(1)
+        total = total + (1 - (gs * gr).sum(1) / (gs.norm(dim=1) * gr.norm(dim=1) + 1e-6)).sum()
+    return total
+
+
+def matching_loss(net: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor, real_batches: list[torch.Tensor],
+                  contrastive: bool) -> torch.Tensor:
+    """DC's (class-wise) or DCC's (summed over classes) gradient-matching loss, differentiable in ``x_syn``.
+    ``real_batches[c]`` is a batch of real images of class c; each class's loss is the mean over its batch."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    num_classes = len(real_batches)
+
+    def class_losses(x, y):  # per-class mean cross-entropy, summed: its gradient is sum_c grad l(S_c)
+        return sum(F.cross_entropy(net(x[y == c]), y[y == c]) for c in range(num_classes))
+
+    if contrastive:
+        x_real = torch.cat(real_batches)
+        y_real = torch.cat([torch.full((len(b),), c, device=b.device) for c, b in enumerate(real_batches)])
+        g_real = [g.detach() for g in torch.autograd.grad(class_losses(x_real, y_real), params)]
+        g_syn = torch.autograd.grad(class_losses(x_syn, y_syn), params, create_graph=True)
+        return gradient_distance(g_syn, g_real)
+    loss = x_syn.new_zeros(())
+    for c, batch in enumerate(real_batches):
+        target = torch.full((len(batch),), c, device=batch.device)
+        g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(batch), target), params)]
+        mine = y_syn == c
+        g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn[mine]), y_syn[mine]), params, create_graph=True)
+        loss = loss + gradient_distance(g_syn, g_real)
+    return loss
+
+
+def _class_sampler(x: torch.Tensor, y: torch.Tensor, num_classes: int, generator: torch.Generator):
+    by_class = [x[y == c] for c in range(num_classes)]
+    if any(len(b) == 0 for b in by_class):
+        raise ValueError("every class needs at least one real image to condense")
+
+    def sample(c: int, n: int) -> torch.Tensor:  # n random images of class c (all of them if the class is smaller)
+        pool = by_class[c]
+        return pool[torch.randperm(len(pool), generator=generator)[:n]]
+
+    return sample
+
+
+def random_selection(x: torch.Tensor, y: torch.Tensor, num_classes: int, ipc: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` real images drawn at random from each class (the baseline a condensed set must beat)."""
+    sample = _class_sampler(x, y, num_classes, generator)
+    return (torch.cat([sample(c, ipc) for c in range(num_classes)]),
+            torch.arange(num_classes).repeat_interleave(ipc))
+
+
+def condense(x: torch.Tensor, y: torch.Tensor, num_classes: int, ipc: int, make_net, *, contrastive: bool,
+             iterations: int = 1000, outer_loop: int | None = None, inner_loop: int | None = None,
+             warmup_iterations: int = 250, warmup_updates: int = 10,
+             lr_img: float = 0.1, lr_net: float = 0.01, batch_real: int = 256, batch_train: int = 256,
+             init: str = "noise", generator: torch.Generator | None = None, progress: bool = False,
+             log_every: int = 0) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Learn ``ipc`` images per class from real images ``x`` (N, C, H, W) with labels ``y`` by DC's algorithm
+    (``contrastive=False``) or DCC's (``True``, after its bi-level warm-up). ``make_net()`` returns a freshly
+    initialised network; the loops default to DC's ``get_loops(ipc)``. Returns the synthetic images, their labels and the loss curve
+    [[iteration, mean matching loss], ...] (every ``log_every`` iterations, 0 = never)."""
+    if not (isinstance(ipc, int) and ipc >= 1):
+        raise ValueError(f"ipc must be an int >= 1, got {ipc!r}")
+    if outer_loop is None or inner_loop is None:
+        if ipc not in DC_LOOPS:
+            raise ValueError(f"DC defines its loops for ipc in {sorted(DC_LOOPS)}; give outer_loop and inner_loop "
+                             f"for ipc={ipc}")
+        outer_loop = DC_LOOPS[ipc][0] if outer_loop is None else outer_loop
+        inner_loop = DC_LOOPS[ipc][1] if inner_loop is None else inner_loop
+    if init not in ("noise", "real"):
+        raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
+    if not (isinstance(iterations, int) and iterations >= 0):
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    if not torch.isfinite(x).all():
+        raise ValueError("the real images contain NaN or infinite values")
+    generator = generator or torch.Generator().manual_seed(0)
+    sample = _class_sampler(x, y, num_classes, generator)
+    y_syn = torch.arange(num_classes, device=x.device).repeat_interleave(ipc)
+    if init == "real":
+        x_syn = torch.cat([sample(c, ipc) for c in range(num_classes)]).clone()
+    else:
+        x_syn = torch.randn((num_classes * ipc, *x.shape[1:]), generator=generator).to(x.device)
+    x_syn.requires_grad_(True)
+    optimizer_img = torch.optim.SGD([x_syn], lr=lr_img, momentum=0.5)
+    curve = []
+    for it in tqdm(range(iterations), desc="condense", disable=not progress):
+        net = make_net().to(x.device).train()
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=lr_net)
+        total = 0.0
+        for ol in range(outer_loop):
+            warming_up = it < warmup_iterations and ol < warmup_updates
+            real = [sample(c, batch_real) for c in range(num_classes)]
+            loss = matching_loss(net, x_syn, y_syn, real, contrastive and not warming_up)
+            optimizer_img.zero_grad()
+            loss.backward()
+            optimizer_img.step()
+            total += loss.item()
+            if ol == outer_loop - 1:
+                break
+            # train the network on the current synthetic set (DC's inner loop: epochs over shuffled batches)
+            data = x_syn.detach()
+            for _ in range(inner_loop):
+                order = torch.randperm(len(data), generator=generator)
+                for batch in order.split(batch_train):
+                    optimizer_net.zero_grad()
+                    F.cross_entropy(net(data[batch]), y_syn[batch]).backward()
+                    optimizer_net.step()
+        if log_every and (it % log_every == 0 or it == iterations - 1):
+            curve.append([it, total / outer_loop])
+    return x_syn.detach(), y_syn, curve
+
+
+class Condensation:
+    """A card's condensation method: ``"random"`` (random real images), ``"dc"`` or ``"dcc"``, with DC's defaults;
+    ``build(x, y, num_classes, make_net, generator, progress)`` returns the (images, labels, loss curve)."""
+
+    def __init__(self, method: str, ipc: int = 1, iterations: int = 1000, lr_img: float = 0.1, lr_net: float = 0.01,
+                 batch_real: int = 256, init: str = "noise", outer_loop: int | None = None,
+                 inner_loop: int | None = None, warmup_iterations: int = 250, warmup_updates: int = 10):
+        if method not in ("random", "dc", "dcc"):
+            raise ValueError(f"method must be 'random', 'dc' or 'dcc', got {method!r}")
+        if not (isinstance(ipc, int) and ipc >= 1):
+            raise ValueError(f"ipc must be an int >= 1, got {ipc!r}")
+        if method != "random" and (outer_loop is None or inner_loop is None) and ipc not in DC_LOOPS:
+            raise ValueError(f"DC defines its loops for ipc in {sorted(DC_LOOPS)}; give outer_loop and inner_loop")
+        for name, value in (("lr_img", lr_img), ("lr_net", lr_net)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name, value, least in (("iterations", iterations, 0), ("batch_real", batch_real, 1),
+                                   ("warmup_iterations", warmup_iterations, 0), ("warmup_updates", warmup_updates, 0)):
+            if not (isinstance(value, int) and value >= least):
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if init not in ("noise", "real"):
+            raise ValueError(f"init must be 'noise' or 'real', got {init!r}")
+        self.method, self.ipc = method, ipc
+        self.options = dict(iterations=iterations, lr_img=lr_img, lr_net=lr_net, batch_real=batch_real, init=init,
+                            outer_loop=outer_loop, inner_loop=inner_loop)
+        if method == "dcc":
+            self.options.update(warmup_iterations=warmup_iterations, warmup_updates=warmup_updates)
+
+    def build(self, x, y, num_classes, make_net, generator, progress=False):
+        if self.method == "random":
+            return (*random_selection(x, y, num_classes, self.ipc, generator), [])
+        log_every = max(1, self.options["iterations"] // 20)
+        return condense(x, y, num_classes, self.ipc, make_net, contrastive=self.method == "dcc", generator=generator,
+                        progress=progress, log_every=log_every, **self.options)
+
+
+def evaluate_synset(x_syn: torch.Tensor, y_syn: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, make_net,
+                    *, epochs: int = 300, lr: float = 0.01, batch_train: int = 256,
+                    generator: torch.Generator | None = None) -> float:
+    """Test accuracy of a fresh ``make_net()`` trained on the synthetic set as DC's ``evaluate_synset``: SGD with
+    momentum 0.9 and weight decay 5e-4 for ``epochs`` (+1) epochs, the learning rate divided by 10 after half."""
+    generator = generator or torch.Generator().manual_seed(0)
+    net = make_net().to(x_syn.device).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    for epoch in range(epochs + 1):
+        for batch in torch.randperm(len(x_syn), generator=generator).split(batch_train):
+            optimizer.zero_grad()
+            F.cross_entropy(net(x_syn[batch]), y_syn[batch]).backward()
+            optimizer.step()
+        if epoch == epochs // 2 + 1:  # DC rebuilds the optimizer with lr / 10 (fresh momentum)
+            optimizer = torch.optim.SGD(net.parameters(), lr=lr / 10, momentum=0.9, weight_decay=5e-4)
+    net.eval()
+    with torch.no_grad():
+        correct = sum((net(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x_test.split(1024), y_test.split(1024)))
+    return correct / len(y_test)
