@@ -17,15 +17,20 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
 
 
 def image_grid(images: list[PIL.Image.Image], ncols: int | None = None, tile: int = 64) -> PIL.Image.Image:
-    """A near-square grid; small images are upscaled with nearest neighbour so pixels stay visible."""
+    """A near-square grid of equally sized images; small ones are upscaled with nearest neighbour (the longer side to
+    ``tile``) so pixels stay visible, keeping their aspect ratio."""
     if not images:
         raise ValueError("image_grid needs at least one image")
+    if len({im.size for im in images}) != 1:
+        raise ValueError(f"image_grid needs images of one size, got {sorted({im.size for im in images})}")
     ncols = ncols or math.ceil(math.sqrt(len(images)))
     nrows = math.ceil(len(images) / ncols)
-    size = max(tile, images[0].width)
-    grid = PIL.Image.new("RGB", (ncols * size, nrows * size))
+    w, h = images[0].size
+    scale = max(tile, w, h) / max(w, h)
+    cw, ch = round(w * scale), round(h * scale)
+    grid = PIL.Image.new("RGB", (ncols * cw, nrows * ch))
     for i, image in enumerate(images):
-        grid.paste(image.convert("RGB").resize((size, size), PIL.Image.NEAREST), ((i % ncols) * size, (i // ncols) * size))
+        grid.paste(image.convert("RGB").resize((cw, ch), PIL.Image.NEAREST), ((i % ncols) * cw, (i // ncols) * ch))
     return grid
 
 
