@@ -20,8 +20,9 @@ update uses DC's class-wise loss while both the iteration is below ``warmup_iter
 within the iteration is below ``warmup_updates``, DCC's loss otherwise. (The official code calls DC's outer loop its
 inner loop; here the names follow DC.) The official DCC code starts from random real images, for DC as for DCC.
 
-Left out: DSA augmentation. Evaluation trains fresh networks on the set without augmentation (DC's setting for all data sets
-but MNIST), 300 epochs of SGD (lr 0.01, momentum 0.9, weight decay 5e-4, lr / 10 at half), as ``evaluate_synset``.
+Left out: DSA augmentation. Evaluation trains fresh networks on the set without augmentation (DC's setting for all
+data sets but MNIST), 300 epochs of SGD (lr 0.01, momentum 0.9, weight decay 5e-4, lr / 10 at half), as
+``evaluate_synset``.
 """
 
 import torch
