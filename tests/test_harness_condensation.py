@@ -18,12 +18,7 @@ from diffkit.harness.data import HarnessData, digits, distractors
 from diffkit.harness.experiment import run_method
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gradient_distance_is_dc_distance_wb():

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,12 @@ def test_cli_run_appends_records_and_report_writes_tables(tiny_card, tmp_path, c
     assert len(err) == 3 and all(line.startswith("error: ") for line in err) and "allowed: elr, ce" in err[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:  # the OS picks a free port; another run on the machine cannot collide with it
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_give_the_same_metrics_as_one(tiny_card, tmp_path):
     """Each process trains on its contiguous half of every global batch and DDP averages the gradients (the
     gradient of the global mean, the shares being equal); ELR's targets are gathered so both processes keep the
@@ -162,7 +169,7 @@ def test_two_processes_give_the_same_metrics_as_one(tiny_card, tmp_path):
     assert main(["harness", "run", str(tiny_card), "--results", str(one), "--methods", "elr", "--no-progress"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29513",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                "-m", "diffkit", "harness", "run", str(tiny_card), "--results", str(two), "--methods", "elr",
                "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

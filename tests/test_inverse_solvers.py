@@ -14,13 +14,7 @@ from helpers import tiny_unet
 SHAPE = (1, 3, 4, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny float64 tensors: a second thread only adds synchronisation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GaussianPrior(torch.nn.Module):
