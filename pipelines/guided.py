@@ -177,6 +177,11 @@ class GuidedPipeline(DiffusionPipeline):
 
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # every downsampling block halves the latent, so both sides must divide evenly all the way down
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, side in (("height", height), ("width", width)):
+            if not (isinstance(side, int) and not isinstance(side, bool) and side > 0 and side % multiple == 0):
+                raise ValueError(f"{name} must be a positive multiple of {multiple} for this model, got {side!r}")
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)

@@ -96,6 +96,9 @@ def test_ddim_eta_is_seeded():
         ({"latents": torch.zeros(1, 3, 8, 8)}, "latents must have shape"),
         ({"latents": torch.full((2, 3, 8, 8), float("nan"))}, "NaN"),
         ({"class_labels": None}, "exactly one of"),
+        ({"height": 5}, "height must be a positive multiple of 2"),
+        ({"width": -8}, "width must be a positive multiple"),
+        ({"height": 8.0}, "height must be"),
     ],
 )
 def test_bad_input_raises_clear_errors(kwargs, match):
