@@ -7,6 +7,8 @@ adapters' features (``blend="sum"``, what diffusers' MultiAdapter does). Pixel-s
 is kept RePaint-style, as diffusers' inpainting pipelines do for UNets without mask channels.
 """
 
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import torch
@@ -20,6 +22,8 @@ from diffkit.guidance import make_guidance
 from diffkit.solvers import get_solver, make_timesteps
 
 from .guided import OUTPUT_TYPES, GuidedPipeline, GuidedPipelineOutput
+
+ADAPTERS_FOLDER = "adapters"  # beside the diffusers components in a saved pipeline
 
 
 def _as_batch(value, name: str, channels: int, shape: tuple[int, int], batch: int | None, device, binary=False) -> torch.Tensor:
@@ -70,6 +74,22 @@ class ModalityBlendPipeline(GuidedPipeline):
     def load_adapters(self, folder=None, names=None) -> None:
         """Add the adapters under ``folder`` (default: the ones trained for the default model)."""
         self.adapters.update(load_adapters(folder, names))
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """diffusers' save, plus every adapter in ``pipe.adapters`` under ``adapters/<modality>`` (safetensors), so
+        ``from_pretrained`` of the folder comes back with them."""
+        super().save_pretrained(save_directory, **kwargs)
+        for name, adapter in self.adapters.items():
+            adapter.save_pretrained(Path(save_directory) / ADAPTERS_FOLDER / name, safe_serialization=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' load; a local folder's ``adapters/`` (written by ``save_pretrained``) fills ``pipe.adapters``."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path) / ADAPTERS_FOLDER
+        if folder.is_dir():
+            pipe.load_adapters(folder)
+        return pipe
 
     @torch.no_grad()
     def __call__(

@@ -202,6 +202,17 @@ def test_a_new_modality_plugs_in_without_code_changes(pipe, digits, tmp_path):
     assert user.blend_losses.shape == (4, 5)
 
 
+def test_save_pretrained_keeps_the_adapters(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = ModalityBlendPipeline.from_pretrained(tmp_path / "saved")
+    assert sorted(loaded.adapters) == sorted(pipe.adapters)
+    for name, adapter in pipe.adapters.items():
+        theirs = loaded.adapters[name].state_dict()
+        assert all(torch.equal(value, theirs[key]) for key, value in adapter.state_dict().items())
+    assert sorted(p.name for p in (tmp_path / "saved" / "adapters" / "edges").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
+
+
 def test_pipeline_rejects_bad_input(pipe, digits):
     images, mask = digits
     with pytest.raises(ValueError, match="no adapter for modalities"):
