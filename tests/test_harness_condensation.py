@@ -196,7 +196,7 @@ def test_shipped_condense_cards_validate():
     from diffkit.harness.cards import load_card
 
     cards = sorted(Path(__file__).resolve().parents[1].joinpath("cards").glob("dcc_*.json"))
-    assert len(cards) == 4
+    assert len(cards) == 5
     for path in cards:
         card = load_card(path)
         assert set(card["methods"]) == {"random", "dc", "dcc"} and len(card["seeds"]) >= 3
