@@ -149,6 +149,35 @@ def test_a_network_trained_on_the_whole_training_set_learns_digits():
     assert acc > 0.9
 
 
+def test_evaluate_synset_follows_dcs_schedule():
+    # a transcription of DC's utils.evaluate_synset: SGD(momentum 0.9, wd 5e-4) for Epoch + 1 epochs, rebuilt with
+    # lr / 10 (fresh momentum) after epoch Epoch // 2 + 1; the trained weights must agree
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 1, 8, 8, generator=g), torch.arange(24) % 10
+    made = []
+
+    def make_net():
+        torch.manual_seed(3)
+        made.append(ConvNet((1, 8, 8), 10, 8, 2))
+        return made[-1]
+
+    evaluate_synset(x, y, x, y, make_net, epochs=6, batch_train=8, generator=torch.Generator().manual_seed(1))
+    reference, order = make_net(), torch.Generator().manual_seed(1)
+    lr, epochs = 0.01, 6
+    optimizer = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    for ep in range(epochs + 1):
+        for batch in torch.randperm(len(x), generator=order).split(8):
+            loss = F.cross_entropy(reference(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if ep in [epochs // 2 + 1]:
+            lr *= 0.1
+            optimizer = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    for ours, theirs in zip(made[0].parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)  # the same operations in the same order
+
+
 def test_distractors_keep_the_digit_and_add_irrelevant_images():
     d = digits(0)
     out = distractors(d, 0, count=2)
@@ -188,6 +217,10 @@ def test_condense_card_runs_every_method():
         assert m["test_accuracy_min"] <= m["test_accuracy"] <= m["test_accuracy_max"] <= 1
         assert ("final_matching_loss" in m) == (method != "random")
     json.dumps(records)  # records are JSON lines
+    # the methods of a seed are paired: same split, same networks, same evaluation seeds, so DCC whose warm-up spans
+    # every iteration (DC's loss throughout) reproduces DC's record exactly
+    card["methods"]["dcc"]["algorithm"]["warmup_iterations"] = 1
+    assert run_method(card, "dcc", 0, progress=False)["metrics"] == records["dc"]["metrics"]
 
 
 def test_shipped_condense_cards_validate():

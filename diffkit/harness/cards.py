@@ -124,12 +124,17 @@ def _check_denoise(config: dict, where: str) -> None:
         raise ValueError(f"{where}.algorithm must be a denoiser, one of {', '.join(denoisers)}, got {name!r}")
 
 
-def _check_condense(config: dict, where: str) -> None:
+def _check_data_and_model(config: dict, where: str, model: str, why: str) -> None:
+    """The data section, and a model section that must name ``model`` (a task that builds one kind of network)."""
     _check_data(config, where)
     name, params = component_spec(config.get("model"), f"{where}.model")
-    if name != "convnet":
-        raise ValueError(f"{where}.model must be convnet (DC's network), got {name!r}")
+    if name != model:
+        raise ValueError(f"{where}.model must be {model} ({why}), got {name!r}")
     MODELS.check(name, params)
+
+
+def _check_condense(config: dict, where: str) -> None:
+    _check_data_and_model(config, where, "convnet", "DC's network")
     name, params = component_spec(config.get("algorithm"), f"{where}.algorithm")
     if name not in CONDENSATION_ALGORITHMS:
         raise ValueError(f"{where}.algorithm must build a condensed set, one of {', '.join(CONDENSATION_ALGORITHMS)}, "
@@ -140,11 +145,7 @@ def _check_condense(config: dict, where: str) -> None:
 
 
 def _check_grow(config: dict, where: str) -> None:
-    _check_data(config, where)
-    name, params = component_spec(config.get("model"), f"{where}.model")
-    if name != "template_mlp":
-        raise ValueError(f"{where}.model must be template_mlp (the growth members), got {name!r}")
-    MODELS.check(name, params)
+    _check_data_and_model(config, where, "template_mlp", "the growth members")
     LOSSES.check(*component_spec(config.get("loss", "ce"), f"{where}.loss"))
     name, params = component_spec(config.get("algorithm", "erm"), f"{where}.algorithm")
     if name != "erm" and name not in GROWTH_ALGORITHMS:

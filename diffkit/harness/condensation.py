@@ -73,24 +73,23 @@ def matching_loss(net: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor, real
     """DC's (class-wise) or DCC's (summed over classes) gradient-matching loss, differentiable in ``x_syn``.
     ``real_batches[c]`` is a batch of real images of class c; each class's loss is the mean over its batch."""
     params = [p for p in net.parameters() if p.requires_grad]
-    num_classes = len(real_batches)
-
-    def class_losses(x, y):  # per-class mean cross-entropy, summed: its gradient is sum_c grad l(S_c)
-        return sum(F.cross_entropy(net(x[y == c]), y[y == c]) for c in range(num_classes))
-
-    if contrastive:
-        x_real = torch.cat(real_batches)
-        y_real = torch.cat([torch.full((len(b),), c, device=b.device) for c, b in enumerate(real_batches)])
-        g_real = [g.detach() for g in torch.autograd.grad(class_losses(x_real, y_real), params)]
-        g_syn = torch.autograd.grad(class_losses(x_syn, y_syn), params, create_graph=True)
-        return gradient_distance(g_syn, g_real)
-    loss = x_syn.new_zeros(())
+    # real gradients class by class, each from its own batch (as both reference codes compute them)
+    g_real = []
     for c, batch in enumerate(real_batches):
         target = torch.full((len(batch),), c, device=batch.device)
-        g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(batch), target), params)]
+        g_real.append([g.detach() for g in torch.autograd.grad(F.cross_entropy(net(batch), target), params)])
+    if contrastive:
+        # sum_c l(S_c) in one forward of the whole synthetic set, as the DCC code does: each image's loss weighted by
+        # 1 / (its class's size), so the gradient is sum_c grad l(S_c)
+        counts = torch.bincount(y_syn, minlength=len(real_batches))
+        loss = (F.cross_entropy(net(x_syn), y_syn, reduction="none") / counts[y_syn]).sum()
+        g_syn = torch.autograd.grad(loss, params, create_graph=True)
+        return gradient_distance(g_syn, [sum(layer) for layer in zip(*g_real)])
+    loss = x_syn.new_zeros(())
+    for c, g_real_c in enumerate(g_real):
         mine = y_syn == c
         g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn[mine]), y_syn[mine]), params, create_graph=True)
-        loss = loss + gradient_distance(g_syn, g_real)
+        loss = loss + gradient_distance(g_syn, g_real_c)
     return loss
 
 
