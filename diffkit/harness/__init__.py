@@ -5,7 +5,7 @@ from .adadagrad import AdaGradNorm, AdaptiveBatchSize, inner_product_test_batch_
 from .attribution import input_gradients, signal_mass
 from .binary import BinaryLinear, estimating_error, gradient_stability, reste_derivative, reste_o
 from .cards import load_card, method_config, validate_card
-from .compander import WeightCompanderStandIn, apply_weight_compander
+from .compander import CompanderStep, WeightCompander, apply_weight_compander
 from .diffgrad import DiffGrad, function_1d, global_minimum_1d
 from .elr import ELRLoss
 from .experiment import run_method
@@ -26,7 +26,7 @@ __all__ = [
     "ALGORITHMS", "DATASETS", "DATA_METHODS", "IMAGE_SETS", "LAYERS", "LOSSES", "MODELS", "NOISES", "OPTIMIZERS",
     "AdaGradNorm", "AdaptiveBatchSize", "BinaryLinear", "DiffGrad", "ELRLoss", "GammaNoise", "GaussianNoise",
     "GhostBatchNorm1d", "Growth", "HessianAlignment", "LevelFlips", "Noise2Score", "ScoreUNet", "ShiftLinear",
-    "StatsQLinear", "SupervisedDenoiser", "TemplateLinear", "TemplateMLP", "TrainState", "WeightCompanderStandIn",
+    "StatsQLinear", "SupervisedDenoiser", "TemplateLinear", "TemplateMLP", "TrainState", "WeightCompander", "CompanderStep",
     "ConfidenceGuidedAnnealing", "StatsQAttention", "TinyViT", "cga_frozen_mask",  # OFQ's CGA and QKR
     "append_results", "apply_weight_compander", "ardae_loss", "denseshift_levels", "estimating_error", "function_1d",
     "global_minimum_1d", "gradient_stability", "grow", "hessian_gradient_product", "hutchinson_diagonal",
