@@ -115,7 +115,7 @@ class CompanderStep:
         if step not in STEP_RULES:
             raise ValueError(f"step must be one of {list(STEP_RULES)}, got {step!r}")
         self.step = step
-        self.layers, self.decay, self.saved, self.handle = [], {}, [], None
+        self.layers, self.groups, self.saved, self.handle = [], {}, [], None
 
     def on_train_start(self, state) -> None:
         self.layers = compander_layers(state.unwrapped_model)
@@ -126,9 +126,13 @@ class CompanderStep:
                                                            optimizer.param_groups):
             raise ValueError("the weight compander's decay on Psi(v) needs an optimizer with coupled weight decay "
                              "(sgd, adam), not AdamW")
-        self.decay = {id(p): g.get("weight_decay", 0.0) for g in optimizer.param_groups for p in g["params"]}
+        # the group of every parameter: its weight decay is read at every step (a schedule may change it)
+        self.groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         if self.step == "powerprop":
             self.handle = optimizer.register_step_post_hook(lambda *args: self._scale_updates())
+
+    def _decay(self, param: torch.Tensor) -> float:
+        return self.groups[id(param)].get("weight_decay", 0.0)
 
     @torch.no_grad()
     def after_backward(self, state) -> None:
@@ -137,7 +141,7 @@ class CompanderStep:
             v = layer.parametrizations.weight.original
             if v.grad is None:
                 continue
-            lam = self.decay[id(v)]
+            lam = self._decay(v)
             slope = psi.derivative(v)
             grad = v.grad / slope if self.step == "powerprop" else v.grad.clone()  # dL/dw or dL/dv
             if not psi.learnable:
@@ -147,7 +151,7 @@ class CompanderStep:
             else:
                 for param in (psi.a, psi.b):  # no decay on the learnable a, b
                     if param.grad is not None:
-                        param.grad -= self.decay[id(param)] * param
+                        param.grad -= self._decay(param) * param
             v.grad.copy_(grad)
             if self.step == "powerprop":
                 self.saved.append((v, v.detach().clone(), slope))
