@@ -22,7 +22,7 @@ from .diffgrad import DiffGrad
 from .elr import ELRLoss
 from .ghost_bn import GhostBatchNorm1d, GradientClipping
 from .growth import Growth, TemplateMLP
-from .hessian_alignment import HessianAlignment
+from .hessian_alignment import HessianAlignment, downsample
 from .models import binary_factory, mlp
 from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, mse
 from .ofq import ConfidenceGuidedAnnealing, TinyViT
@@ -194,7 +194,7 @@ MODELS = Registry("model", {
                    "for audio, hemanthgrylls/SIREN-square learn_audios.py)"),
     "logistic": Entry(lambda num_features, num_classes: nn.Sequential(nn.Linear(num_features, num_classes)), {},
                       "multinomial logistic regression (one linear layer), the model of timlautk/AdAdaGrad expt.sh"),
-    "score_unet": Entry(ScoreUNet, {"width": 16},
+    "score_unet": Entry(ScoreUNet, {"width": 16, "zero_output": False},
                         "two-level shrink of the Noise2Noise U-Net (Lehtinen et al., ICML 2018) used by "
                         "cubeyoung/Noise2Score models/networks.py"),
 })
@@ -255,6 +255,9 @@ DATA_METHODS = Registry("data method", {
     "shared_texture": Entry(shared_texture, {"count": 1, "textures": 4},
                             "content common to all classes (background textures beside every image, independent of "
                             "the label), the premise of Lee et al., ICML 2022, Sec. 3"),
+    "downsample": Entry(downsample, {"factor": 2},
+                        "every factor-th pixel, huawei-noah/Federated-Learning HessianAlignment/cmnist/cmnist_HGP.py "
+                        "(MNIST 28 x 28 -> 14 x 14)"),
     "validation_split": Entry(validation_split, {"fraction": 0.1},
                               "a stratified 9 : 1 split of the training set, the held-out part replacing the test set "
                               "(for choosing hyperparameters)"),
