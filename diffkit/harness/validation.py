@@ -64,9 +64,10 @@ def validation_card(card: dict, method: str, overrides: dict, fraction: float = 
 
 
 def tune(card: dict, method: str, grid: dict[str, list], seeds: list[int], fraction: float = 0.1,
-         progress: bool = False) -> list[dict]:
+         metric: str | None = None, progress: bool = False) -> list[dict]:
     """Run ``method`` for every combination of ``grid`` (dotted path -> values) and seed on the validation split;
-    returns one row per combination: the overrides, the per-seed values of the card's metric and their mean."""
+    returns one row per combination: the overrides, the per-seed values of ``metric`` (default: the card's; NaN where
+    a run does not report it) and their mean."""
     from .experiment import run_method
 
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
@@ -75,7 +76,8 @@ def tune(card: dict, method: str, grid: dict[str, list], seeds: list[int], fract
     for values in itertools.product(*grid.values()):
         overrides = dict(zip(grid, values))
         tuned = validation_card(card, method, overrides, fraction)
-        scores = [run_method(tuned, method, seed, progress=progress)["metrics"][card["metric"]] for seed in seeds]
+        scores = [run_method(tuned, method, seed, progress=progress)["metrics"].get(metric or card["metric"], math.nan)
+                  for seed in seeds]
         rows.append({"overrides": overrides, "values": scores, "mean": sum(scores) / len(scores)})
     return rows
 
@@ -97,6 +99,7 @@ def main(argv=None) -> None:
                         help="dotted.path=v1,v2,... (JSON values), repeatable; every combination is run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--metric", default=None, help="the metric to choose by (default: the card's)")
     parser.add_argument("--minimise", action="store_true", help="lower is better (default: higher)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -105,12 +108,15 @@ def main(argv=None) -> None:
         path, _, values = item.partition("=")
         grid[path] = [_parse_value(v) for v in values.split(",")]
     card = load_card(args.card)
-    rows = tune(card, args.method, grid, args.seeds, args.fraction)
-    print(f"| {' | '.join(grid)} | validation {card['metric']} (mean over seeds {args.seeds}) |")
+    metric = args.metric or card["metric"]
+    rows = tune(card, args.method, grid, args.seeds, args.fraction, metric)
+    print(f"| {' | '.join(grid)} | validation {metric} (mean over seeds {args.seeds}) |")
     print("|" + "---|" * (len(grid) + 1))
     for row in rows:
         print(f"| {' | '.join(str(v) for v in row['overrides'].values())} | {row['mean']:.4f} |")
-    key = (lambda r: r["mean"]) if args.minimise else (lambda r: -r["mean"] if math.isfinite(r["mean"]) else math.inf)
+    def key(row):
+        return math.inf if not math.isfinite(row["mean"]) else row["mean"] if args.minimise else -row["mean"]
+
     best = min(rows, key=key)
     print(f"best: {json.dumps(best['overrides'])} -> {best['mean']:.4f}")
 
