@@ -61,6 +61,10 @@ def test_cards_check_paper_effect_and_lr_schedule():
         validate_card(card)
     card["budget"]["lr_schedule"] = "cosine"
     validate_card(card)
+    inr = {**copy.deepcopy(CARD), "task": "inr", "data": {"name": "highfreq_signal"}, "model": {"name": "siren"},
+           "optimizer": {"name": "adam"}, "metric": "psnr", "metrics": ["psnr"], "budget": {"lr_schedule": "cosine"}}
+    with pytest.raises(ValueError, match="the inr task has no epoch-wise learning-rate schedule"):
+        validate_card(inr)
 
 
 def test_gradient_clipping_caps_the_total_norm():

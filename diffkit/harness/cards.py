@@ -27,6 +27,7 @@ OPTIONAL = SECTIONS + ("paper_effect",)
 # steps) adds the steps / examples a classifier needs to reach it; lr_schedule is set once per epoch (schedules.py)
 BUDGET_DEFAULTS = {"epochs": 10, "batch_size": 64, "eval_every": 0, "steps": 300, "x0": -1.0, "target_accuracy": None,
                    "eval_steps": 1, "eval_models": 5, "lr_schedule": "constant"}
+SCHEDULED_TASKS = ("classify", "grow", "denoise")  # the tasks that train by epochs with the card's optimizer
 
 
 def load_card(path: str | Path) -> dict:
@@ -106,6 +107,9 @@ def validate_card(card: dict, source: str = "card") -> dict:
         if bad:
             raise ValueError(f"{source}: methods.{method} overrides unknown section {bad[0]!r}; allowed: {', '.join(SECTIONS)}")
         config, where = method_config(card, method), f"{source}: methods.{method}"
+        if config["budget"]["lr_schedule"] != "constant" and card["task"] not in SCHEDULED_TASKS:
+            raise ValueError(f"{where}.budget.lr_schedule: the {card['task']} task has no epoch-wise learning-rate "
+                             f"schedule (tasks with one: {', '.join(SCHEDULED_TASKS)})")
         try:
             schedule_stages(config["budget"]["lr_schedule"], config["budget"]["epochs"])
         except ValueError as err:
