@@ -3,14 +3,12 @@
 ``validation_split`` is a data method that holds out a stratified ``fraction`` of the training set (the papers'
 9 : 1 split) and makes it the split a card reports on, so a card run with it measures validation accuracy and the
 test set is not seen. ``tune`` runs one method of a card over a grid of overrides with that split and returns the
-validation metric of every setting; ``python -m diffkit.harness.validation CARD --method M --grid optimizer.lr=...``
+validation metric of every setting; ``python -m diffkit.harness.tune CARD --method M --grid optimizer.lr=...``
 prints the table and the best setting (what the card then fixes for its test-set runs).
 """
 
-import argparse
 import copy
 import itertools
-import json
 import math
 
 import torch
@@ -80,46 +78,3 @@ def tune(card: dict, method: str, grid: dict[str, list], seeds: list[int], fract
                   for seed in seeds]
         rows.append({"overrides": overrides, "values": scores, "mean": sum(scores) / len(scores)})
     return rows
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def main(argv=None) -> None:
-    from .cards import load_card
-
-    parser = argparse.ArgumentParser(description="tune one method of a harness card on a validation split")
-    parser.add_argument("card")
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--grid", action="append", required=True,
-                        help="dotted.path=v1,v2,... (JSON values), repeatable; every combination is run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--fraction", type=float, default=0.1)
-    parser.add_argument("--metric", default=None, help="the metric to choose by (default: the card's)")
-    parser.add_argument("--minimise", action="store_true", help="lower is better (default: higher)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    grid = {}
-    for item in args.grid:
-        path, _, values = item.partition("=")
-        grid[path] = [_parse_value(v) for v in values.split(",")]
-    card = load_card(args.card)
-    metric = args.metric or card["metric"]
-    rows = tune(card, args.method, grid, args.seeds, args.fraction, metric)
-    print(f"| {' | '.join(grid)} | validation {metric} (mean over seeds {args.seeds}) |")
-    print("|" + "---|" * (len(grid) + 1))
-    for row in rows:
-        print(f"| {' | '.join(str(v) for v in row['overrides'].values())} | {row['mean']:.4f} |")
-    def key(row):
-        return math.inf if not math.isfinite(row["mean"]) else row["mean"] if args.minimise else -row["mean"]
-
-    best = min(rows, key=key)
-    print(f"best: {json.dumps(best['overrides'])} -> {best['mean']:.4f}")
-
-
-if __name__ == "__main__":
-    main()
