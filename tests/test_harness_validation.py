@@ -76,3 +76,19 @@ def test_gradient_clipping_caps_the_total_norm():
     assert norm.item() == pytest.approx(5.0, rel=1e-5)
     with pytest.raises(ValueError, match="max_norm"):
         GradientClipping(0)
+
+
+def test_tune_command_prints_the_grid_and_the_best_setting(tmp_path, capsys):
+    import json
+
+    from diffkit.harness.tune import main
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(CARD))
+    main([str(path), "--method", "base", "--grid", "optimizer.lr=0.05,0.2", "--seeds", "0"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "tiny / base: validation test_accuracy, mean over seeds [0]"
+    rows = [line for line in out if line.startswith("| 0.")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 0.05", "| 0.2"]
+    best = max(rows, key=lambda r: float(r.split(" | ")[1].strip(" |")))
+    assert out[-1].startswith('best: {"optimizer.lr": ' + best.split(" | ")[0].strip("| "))
