@@ -145,3 +145,11 @@ def test_grow_card_validation():
     bad["model"] = {"name": "mlp"}
     with pytest.raises(ValueError, match="model must be template_mlp"):
         validate_card(bad)
+
+
+def test_growing_diverged_members_is_refused():
+    a, b = _members()
+    with torch.no_grad():
+        a.blocks[0].coefficients[0] = float("nan")
+    with pytest.raises(ValueError, match="not all finite"):
+        grow(a, b)

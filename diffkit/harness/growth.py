@@ -132,6 +132,8 @@ def grow(a: TemplateMLP, b: TemplateMLP, init: str = "orthogonal", generator: to
         raise ValueError(f"init must be one of {list(GROWTH_INITS)}, got {init!r}")
     if [p.shape for p in a.parameters()] != [p.shape for p in b.parameters()]:
         raise ValueError("a and b must have the same architecture (width, depth, number of templates)")
+    if not all(torch.isfinite(p).all() for p in (*a.parameters(), *b.parameters())):
+        raise ValueError("the members' parameters are not all finite (their training diverged); nothing to grow")
     generator = generator or torch.Generator().manual_seed(0)
     layers = [GrownLinear(a.stem.bank, b.stem.bank, {"0": ("A", a.stem.coefficients), "1": ("B", b.stem.coefficients)},
                           [["0"], ["1"]], torch.cat([a.stem.bias, b.stem.bias]))]

@@ -43,7 +43,8 @@ def main(argv=None) -> None:
     print(f"| {' | '.join(grid)} | validation {metric} |")
     print("|" + "---|" * (len(grid) + 1))
     for row in rows:
-        print(f"| {' | '.join(str(v) for v in row['overrides'].values())} | {row['mean']:.4f} |")
+        failed = f" ({'; '.join(row['errors'])})" if row["errors"] else ""
+        print(f"| {' | '.join(str(v) for v in row['overrides'].values())} | {row['mean']:.4f}{failed} |")
 
     def key(row):
         return math.inf if not math.isfinite(row["mean"]) else row["mean"] if args.minimise else -row["mean"]

@@ -65,7 +65,8 @@ def tune(card: dict, method: str, grid: dict[str, list], seeds: list[int], fract
          metric: str | None = None, progress: bool = False) -> list[dict]:
     """Run ``method`` for every combination of ``grid`` (dotted path -> values) and seed on the validation split;
     returns one row per combination: the overrides, the per-seed values of ``metric`` (default: the card's; NaN where
-    a run does not report it) and their mean."""
+    a run does not report it, or fails, e.g. diverges: the failure's message goes to the row's ``errors``) and their
+    mean."""
     from .experiment import run_method
 
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
@@ -74,7 +75,13 @@ def tune(card: dict, method: str, grid: dict[str, list], seeds: list[int], fract
     for values in itertools.product(*grid.values()):
         overrides = dict(zip(grid, values))
         tuned = validation_card(card, method, overrides, fraction)
-        scores = [run_method(tuned, method, seed, progress=progress)["metrics"].get(metric or card["metric"], math.nan)
-                  for seed in seeds]
-        rows.append({"overrides": overrides, "values": scores, "mean": sum(scores) / len(scores)})
+        scores, errors = [], []
+        for seed in seeds:
+            try:
+                scores.append(run_method(tuned, method, seed, progress=progress)["metrics"].get(metric or card["metric"],
+                                                                                              math.nan))
+            except (ValueError, RuntimeError) as err:  # a setting that diverges loses; the grid goes on
+                scores.append(math.nan)
+                errors.append(f"seed {seed}: {err}")
+        rows.append({"overrides": overrides, "values": scores, "mean": sum(scores) / len(scores), "errors": errors})
     return rows
