@@ -101,6 +101,14 @@ class Operator:
         """This operator followed by ``other``: x -> other(self(x))."""
         return Compose(self, other)
 
+    @classmethod
+    def from_deepinv(cls, physics, sigma_y: float | None = None) -> "Operator":
+        """A deepinv ``Physics`` as an operator on [-1, 1] images: x -> physics.A((x + 1) / 2), noise-free, with
+        ``pinv`` from its ``A_dagger`` and the adjoint of its linear part (``diffkit.inverse.deepinv``)."""
+        from .deepinv import DeepinvOperator
+
+        return DeepinvOperator(physics, sigma_y)
+
 
 def check_measurement(operator, y: torch.Tensor, image_shape) -> None:
     """Raise ValueError unless y is a finite tensor of the shape ``operator`` maps ``image_shape`` to.
