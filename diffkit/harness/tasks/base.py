@@ -41,6 +41,13 @@ def component_spec(value, where: str) -> tuple[str, dict]:
     raise ValueError(f"{where} must be a name or a table with a 'name', got {value!r}")
 
 
+def refuse_sections(config: dict, where: str, sections: tuple[str, ...], why: str) -> None:
+    """Refuse card sections a task does not use (nothing a card says is silently ignored)."""
+    for section in sections:
+        if section in config:
+            raise ValueError(f"{where}: this task takes no {section} section ({why})")
+
+
 def build(registry, spec, *context):
     """Build a component spec from ``registry`` with the given context arguments."""
     name, params = component_spec(spec, registry.kind)
