@@ -38,13 +38,15 @@ def main(argv=None) -> None:
         grid[path] = [_parse_value(v) for v in values.split(",")]
     card = load_card(args.card)
     metric = args.metric or card["metric"]
-    rows = tune(card, args.method, grid, args.seeds, args.fraction, metric)
     print(f"{card['name']} / {args.method}: validation {metric}, mean over seeds {args.seeds}")
     print(f"| {' | '.join(grid)} | validation {metric} |")
-    print("|" + "---|" * (len(grid) + 1))
-    for row in rows:
+    print("|" + "---|" * (len(grid) + 1), flush=True)
+
+    def show(row):  # each row as it completes: a long grid can be watched
         failed = f" ({'; '.join(row['errors'])})" if row["errors"] else ""
-        print(f"| {' | '.join(str(v) for v in row['overrides'].values())} | {row['mean']:.4f}{failed} |")
+        print(f"| {' | '.join(str(v) for v in row['overrides'].values())} | {row['mean']:.4f}{failed} |", flush=True)
+
+    rows = tune(card, args.method, grid, args.seeds, args.fraction, metric, on_row=show)
 
     def key(row):
         return math.inf if not math.isfinite(row["mean"]) else row["mean"] if args.minimise else -row["mean"]

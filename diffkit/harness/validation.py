@@ -62,11 +62,11 @@ def validation_card(card: dict, method: str, overrides: dict, fraction: float = 
 
 
 def tune(card: dict, method: str, grid: dict[str, list], seeds: list[int], fraction: float = 0.1,
-         metric: str | None = None, progress: bool = False) -> list[dict]:
+         metric: str | None = None, progress: bool = False, on_row=None) -> list[dict]:
     """Run ``method`` for every combination of ``grid`` (dotted path -> values) and seed on the validation split;
     returns one row per combination: the overrides, the per-seed values of ``metric`` (default: the card's; NaN where
     a run does not report it, or fails, e.g. diverges: the failure's message goes to the row's ``errors``) and their
-    mean."""
+    mean. ``on_row(row)`` is called as each row completes."""
     from .experiment import run_method
 
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
@@ -84,4 +84,6 @@ def tune(card: dict, method: str, grid: dict[str, list], seeds: list[int], fract
                 scores.append(math.nan)
                 errors.append(f"seed {seed}: {err}")
         rows.append({"overrides": overrides, "values": scores, "mean": sum(scores) / len(scores), "errors": errors})
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
