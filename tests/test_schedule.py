@@ -60,7 +60,8 @@ SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "e
 def test_timestep_spacings_equal_diffusers(solver, spacing, n):
     if solver == "ddim" and spacing == "linspace":
         pytest.skip("diffkit's DDIM walks its grid; diffusers' DDIM steps to t - N//n (see test_solvers)")
-    scheduler = SCHEDULERS[solver](timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    kwargs = {"clip_sample": False} if solver == "ddim" else {}  # a plain array cannot carry DDIM's default clipping
+    scheduler = SCHEDULERS[solver](timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0, **kwargs)
     scheduler.set_timesteps(n)
     ref = scheduler.timesteps.double()
     if solver == "heun":
@@ -71,14 +72,22 @@ def test_timestep_spacings_equal_diffusers(solver, spacing, n):
 
 @pytest.mark.parametrize("source", PREDICTION_TYPES)
 @pytest.mark.parametrize("target", PREDICTION_TYPES)
-def test_conversions_round_trip_and_agree_with_definitions(source, target):
+@pytest.mark.parametrize("alpha, sigma", [(0.6, 0.8), (0.3, 0.7)], ids=["vp", "flow"])
+def test_conversions_round_trip_and_agree_with_definitions(source, target, alpha, sigma):
+    """On a VP path (alpha^2 + sigma^2 = 1) and on the flow path (alpha + sigma = 1), from the definitions
+    x = alpha x0 + sigma eps, v = alpha eps - sigma x0, u = eps - x0."""
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
-    alpha = 0.6
-    sigma = (1 - alpha**2) ** 0.5
     x = alpha * x0 + sigma * eps
-    truth = {"sample": x0, "epsilon": eps, "v_prediction": alpha * eps - sigma * x0}
+    truth = {"sample": x0, "epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "flow": eps - x0}
     assert torch.allclose(convert(truth[source], source, target, x, alpha, sigma), truth[target])
+
+
+def test_flow_prediction_is_diffusers_name_for_flow():
+    x, u = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.equal(convert(u, "flow_prediction", "sample", x, 0.25, 0.75), convert(u, "flow", "sample", x, 0.25, 0.75))
+    with pytest.raises(ValueError, match="prediction type"):
+        convert(u, "velocity", "sample", x, 0.25, 0.75)
 
 
 def test_bad_schedule_configs():
