@@ -113,6 +113,8 @@ class GuidedPipeline(DiffkitPipeline):
                 ``guidance_scale`` (default 3.5).
             sigmas (`list[float]`, *optional*): custom flow sigmas (SD3, Flux), as their pipelines take them.
         """
+        if hasattr(callback_on_step_end, "tensor_inputs"):  # diffusers' PipelineCallback names what it needs
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         text_options = dict(
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
