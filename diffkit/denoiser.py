@@ -5,6 +5,7 @@ where a raw model output becomes a denoised estimate, and where conditioning rea
 solvers need of it is written down as ``SolverDenoiser``; what it needs of a network as ``DiffusersModel``.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -73,6 +74,7 @@ class StepState:
     alpha: float
     sigma: float
     x: torch.Tensor  # the current noisy sample, x = alpha x0 + sigma eps
+    prediction_type: str | None = None  # the network's, set by Denoiser.guided_x0 for guidance in space "model"
 
 
 def _batch_cat(a, b):
@@ -177,4 +179,4 @@ class Denoiser:
         xx = torch.cat([x, x])
         out = self(xx, t, _batch_cat(cond, uncond))
         x0_cond, x0_uncond = convert(out, self.prediction_type, "sample", xx, state.alpha, state.sigma).chunk(2)
-        return guidance(x0_cond, x0_uncond, state)
+        return guidance(x0_cond, x0_uncond, dataclasses.replace(state, prediction_type=self.prediction_type))

@@ -167,17 +167,22 @@ class NoiseSchedule:
         """Half log-SNR, lambda_t = log(alpha_t / sigma_t): +inf at the clean end."""
         return self.log_alpha(t) - self.sigma(t).log()
 
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-        """x_t = alpha_t x0 + sigma_t eps. ``t`` is one timestep (a number or 0-d tensor) or one per sample (shape
-        (B,)), broadcast over the remaining dimensions; the coefficients are cast to x0's dtype."""
+    def coefficients(self, t, like: torch.Tensor):
+        """(alpha_t, sigma_t) for one timestep ``t`` (a number or 0-d tensor: Python floats) or one per sample
+        (shape (B,): tensors in ``like``'s dtype and device, shaped to broadcast over its remaining dimensions)."""
         t = torch.as_tensor(t)
         if t.ndim == 0:
-            return self.alpha(t).item() * x0 + self.sigma(t).item() * eps
-        if t.ndim != 1 or len(t) != x0.shape[0]:
-            raise ValueError(f"t must be one timestep or one per sample ({x0.shape[0]}), got shape {tuple(t.shape)}")
-        shape = (len(t),) + (1,) * (x0.ndim - 1)
-        alpha = self.alpha(t.cpu()).to(x0.device, x0.dtype).view(shape)
-        sigma = self.sigma(t.cpu()).to(x0.device, x0.dtype).view(shape)
+            return self.alpha(t).item(), self.sigma(t).item()
+        if t.ndim != 1 or len(t) != like.shape[0]:
+            raise ValueError(f"t must be one timestep or one per sample ({like.shape[0]}), got shape {tuple(t.shape)}")
+        shape = (len(t),) + (1,) * (like.ndim - 1)
+        alpha = self.alpha(t.cpu()).to(like.device, like.dtype).view(shape)
+        sigma = self.sigma(t.cpu()).to(like.device, like.dtype).view(shape)
+        return alpha, sigma
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t eps, at one timestep or one per sample (see ``coefficients``)."""
+        alpha, sigma = self.coefficients(t, x0)
         return alpha * x0 + sigma * eps
 
     def alpha_at_rho(self, rho: torch.Tensor | float) -> torch.Tensor:
