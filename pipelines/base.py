@@ -37,7 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffkit.backbones import as_backbone, family_of
 from diffkit.denoiser import Denoiser
-from diffkit.guidance import Guidance, Rescaled
+from diffkit.guidance import Guidance, Rescaled, make_guidance
 from diffkit.schedule import calculate_shift
 from diffkit.solvers import SolverSetup, get_solver, solver_for
 
@@ -104,6 +104,16 @@ def check_eta(setup: SolverSetup, eta) -> None:
     if eta != 0 and setup.solver != "ddim":
         raise ValueError(f"eta is DDIM's stochasticity; solver {setup.solver!r} (this scheduler's) has none (got "
                          f"eta={eta}): pass solver='ddim'")
+
+
+def make_rule(guidance, guidance_scale: float, guidance_rescale: float = 0.0, guidance_kwargs: dict | None = None):
+    """The pipelines' guidance rule: ``diffkit.guidance.make_guidance`` with CFG-rescale applied where diffusers applies
+    ``guidance_rescale``, to the network's own prediction (eps for SD 1.x / SDXL, v for v-prediction models, the flow
+    velocity for SD3 / Flux; eps would be undefined at a flow model's first step, where alpha = 0)."""
+    rule = make_guidance(guidance, guidance_scale, **(guidance_kwargs or {}))
+    if rule is not None and guidance_rescale:
+        rule = Rescaled(rule, guidance_rescale, space="model")
+    return rule
 
 
 def set_guidance_scale(rule: Guidance | None, scale: float) -> None:
@@ -280,15 +290,13 @@ class DiffkitPipeline(DiffusionPipeline):
         **text_options,
     ) -> None:
         """Every check a guided sampling call makes before it runs (the CLI calls this before writing anything)."""
-        from diffkit.guidance import make_guidance
-
         self.check_conditioning(class_labels, prompt, prompt_embeds)
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         height, width = self.check_size(height, width)
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         check_finite("guidance_scale", guidance_scale)
         check_finite("guidance_rescale", guidance_rescale)
-        rule = make_guidance(guidance, guidance_scale, guidance_rescale, **(guidance_kwargs or {}))
+        rule = make_rule(guidance, guidance_scale, guidance_rescale, guidance_kwargs)
         check_solver_options(solver, num_inference_steps, eta)
         check_eta(self.solver_setup(solver, num_inference_steps, height, width, sigmas), eta)
         check_output_type(output_type)
@@ -388,6 +396,28 @@ class DiffkitPipeline(DiffusionPipeline):
         check_finite_tensor("latents", latents)
         return latents.to(device)
 
+    def dynamic_shift_mu(self, height: int, width: int) -> float | None:
+        """SD3 / Flux with a dynamically shifting scheduler: the exponent mu their pipelines compute from the number of
+        image tokens (``calculate_shift`` over the scheduler's base / max sequence lengths and shifts); else None."""
+        config = self.scheduler.config
+        if self.family not in ("sd3", "flux") or not config.get("use_dynamic_shifting"):
+            return None
+        patch = self.network.config.patch_size if self.family == "sd3" else 2
+        tokens = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)
+        return calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                               config.get("base_shift", 0.5), config.get("max_shift", 1.16 if self.family == "sd3" else 1.15))
+
+    def flow_shift(self, height: int, width: int) -> float:
+        """The timestep shift of a flow-matching model's scheduler at this size: e^mu with dynamic shifting, else its
+        ``shift`` (``flow_shift`` for DPM-Solver's flow sigmas); 1 for VP models."""
+        config = self.scheduler.config
+        mu = self.dynamic_shift_mu(height, width)
+        if mu is not None:
+            return math.exp(mu)
+        if config.get("use_flow_sigmas"):
+            return float(config.get("flow_shift", 1.0))
+        return float(config.get("shift", 1.0)) if self.denoiser().schedule.path == "flow" else 1.0
+
     def solver_setup(self, solver: str | None, num_inference_steps: int, height: int, width: int,
                      sigmas=None) -> SolverSetup:
         """The walk the pipeline's scheduler takes for these steps (``solver=None``: its own solver; a name: that
@@ -395,12 +425,7 @@ class DiffkitPipeline(DiffusionPipeline):
         options diffkit does not reproduce. SD3 and Flux pass the scheduler what their pipelines pass: Flux its
         sigmas linspace(1, 1 / n, n), both the resolution-dependent shift mu where the scheduler shifts dynamically."""
         config = self.scheduler.config
-        mu = None
-        if self.family in ("sd3", "flux") and config.get("use_dynamic_shifting"):
-            patch = self.network.config.patch_size if self.family == "sd3" else 2
-            tokens = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)
-            mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                 config.get("base_shift", 0.5), config.get("max_shift", 1.16 if self.family == "sd3" else 1.15))
+        mu = self.dynamic_shift_mu(height, width)
         if self.family == "flux" and sigmas is None and not config.get("use_flow_sigmas", False):
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         if sigmas is not None and self.family not in ("sd3", "flux"):

@@ -8,9 +8,9 @@ Stable Diffusion 1.x / 2.x, SDXL, SD3 or Flux pipeline (``GuidedPipeline.from_pi
 
 import torch
 
-from diffkit.guidance import Guidance, make_guidance
+from diffkit.guidance import Guidance
 
-from .base import OUTPUT_TYPES, DiffkitPipeline, GuidedPipelineOutput, check_eta
+from .base import OUTPUT_TYPES, DiffkitPipeline, GuidedPipelineOutput, check_eta, make_rule
 
 
 __all__ = ["OUTPUT_TYPES", "GuidedPipeline", "GuidedPipelineOutput"]
@@ -91,7 +91,8 @@ class GuidedPipeline(DiffkitPipeline):
             guidance (`str` or `Guidance`, defaults to "cfg"): a registered rule name or an instance; `None` = none.
             guidance_kwargs (`dict`, *optional*): extra arguments for the named rule, e.g. APG's `eta`,
                 `norm_threshold`, `momentum`, or a guidance interval `sigma_range=(lo, hi)` / `step_range`.
-            guidance_rescale (`float`, defaults to 0): CFG-rescale's phi (Lin et al. 2024), around any rule.
+            guidance_rescale (`float`, defaults to 0): CFG-rescale's phi (Lin et al. 2024), around any rule, on the
+                network's own prediction as diffusers' ``guidance_rescale`` (eps, v or the flow velocity).
             solver (`str`, *optional*): None follows the scheduler (its class and sigma options); "ddim", "dpmpp_2m",
                 "euler" or "heun" runs that solver on the scheduler's schedule instead.
             eta (`float`, defaults to 0): DDIM's stochasticity (solver "ddim" only).
@@ -129,7 +130,7 @@ class GuidedPipeline(DiffkitPipeline):
         device = self._execution_device
         height, width = self.check_size(height, width)
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        rule = make_guidance(guidance, guidance_scale, guidance_rescale, **(guidance_kwargs or {}))
+        rule = make_rule(guidance, guidance_scale, guidance_rescale, guidance_kwargs)
         text_options = {k: v for k, v in text_options.items() if v is not None}
         cond, uncond, batch = self.encode_condition(
             class_labels, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, device,

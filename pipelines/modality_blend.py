@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel, UNet2DModel
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffkit.blend import MODES, Modality, adapter_features, complete, load_adapters
 from diffkit.denoiser import Denoiser
@@ -62,16 +60,14 @@ class ModalityBlendPipeline(GuidedPipeline):
         >>> images = pipe(image, mask_image, control_images=controls, generator=torch.manual_seed(0)).images
     """
 
-    def __init__(
-        self,
-        unet: UNet2DModel | UNet2DConditionModel,
-        scheduler: SchedulerMixin,
-        text_encoder: CLIPTextModel | None = None,
-        tokenizer: CLIPTokenizer | None = None,
-        vae: AutoencoderKL | None = None,
-    ):
-        super().__init__(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
-        self.adapters = {}
+    @property
+    def adapters(self) -> dict:
+        """{modality: T2I-Adapter} this pipeline blends; set it, or fill it with ``load_adapters``."""
+        return self.__dict__.setdefault("_adapters", {})
+
+    @adapters.setter
+    def adapters(self, value: dict) -> None:
+        self.__dict__["_adapters"] = dict(value)
 
     def load_adapters(self, folder=None, names=None) -> None:
         """Add the adapters under ``folder`` (default: the ones trained for the default model)."""
