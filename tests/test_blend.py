@@ -173,10 +173,10 @@ def test_summed_features_match_diffusers_multiadapter(pipe, digits):
         summed = multi([controls["edges"], controls["ink_mask"]], adapter_weights=[0.7, 1.3])
     denoiser = Denoiser.from_pipeline_components(pipe.unet, pipe.scheduler)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(4))
-    setup = pipe.solver_setup("ddim", 6, 16, 16)  # DDIM's walk on the pipeline's scheduler config
+    setup = pipe.solver_setup("ddim", 6, 16, 16)  # DDIMScheduler.from_config(the pipeline's config): walk and clipping
     cond = {"class_labels": torch.full((4,), 10)}
     with torch.no_grad(), injected(pipe.unet, summed):
-        ref = complete(denoiser, setup.fn, noise, setup.grid, images, mask, cond=cond).sample
+        ref = complete(denoiser, setup.fn, noise, setup.grid, images, mask, cond=cond, **setup.options).sample
     ours = pipe(images, mask, control_images=controls, adapter_conditioning_scale=scales, blend="sum",
                 num_inference_steps=6, latents=noise, output_type="latent").images
     assert (ours - ref).abs().max() < 1e-5
