@@ -288,8 +288,9 @@ class DiffkitPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs=None,
         sigmas=None,
         **text_options,
-    ) -> None:
-        """Every check a guided sampling call makes before it runs (the CLI calls this before writing anything)."""
+    ) -> SolverSetup:
+        """Every check a guided sampling call makes before it runs (the CLI calls this before writing anything);
+        returns the walk the call takes (``solver_setup``)."""
         self.check_conditioning(class_labels, prompt, prompt_embeds)
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         height, width = self.check_size(height, width)
@@ -298,7 +299,8 @@ class DiffkitPipeline(DiffusionPipeline):
         check_finite("guidance_rescale", guidance_rescale)
         rule = make_rule(guidance, guidance_scale, guidance_rescale, guidance_kwargs)
         check_solver_options(solver, num_inference_steps, eta)
-        check_eta(self.solver_setup(solver, num_inference_steps, height, width, sigmas), eta)
+        setup = self.solver_setup(solver, num_inference_steps, height, width, sigmas)
+        check_eta(setup, eta)
         check_output_type(output_type)
         bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
@@ -312,6 +314,7 @@ class DiffkitPipeline(DiffusionPipeline):
         else:
             text.check_text(self, self.family, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                             self.uses_guidance(rule, guidance_scale), **text_options)
+        return setup
 
     @staticmethod
     def uses_guidance(rule: Guidance | None, guidance_scale: float) -> bool:

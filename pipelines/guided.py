@@ -10,7 +10,7 @@ import torch
 
 from diffkit.guidance import Guidance
 
-from .base import OUTPUT_TYPES, DiffkitPipeline, GuidedPipelineOutput, check_eta, make_rule
+from .base import OUTPUT_TYPES, DiffkitPipeline, GuidedPipelineOutput, make_rule
 
 
 __all__ = ["OUTPUT_TYPES", "GuidedPipeline", "GuidedPipelineOutput"]
@@ -122,7 +122,7 @@ class GuidedPipeline(DiffkitPipeline):
             embedded_guidance_scale=embedded_guidance_scale, clip_skip=clip_skip, max_sequence_length=max_sequence_length,
             original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
         )
-        self.check_inputs(
+        setup = self.check_inputs(
             class_labels, prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps,
             guidance_scale, guidance, guidance_kwargs, guidance_rescale, solver, eta, generator, latents, prompt_embeds,
             negative_prompt_embeds, output_type, callback_on_step_end_tensor_inputs, sigmas, **text_options,
@@ -135,8 +135,6 @@ class GuidedPipeline(DiffkitPipeline):
         cond, uncond, batch = self.encode_condition(
             class_labels, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, device,
             do_guidance=self.uses_guidance(rule, guidance_scale), height=height, width=width, **text_options)
-        setup = self.solver_setup(solver, num_inference_steps, height, width, sigmas)
-        check_eta(setup, eta)
         latents = setup.grid.init_noise_scale * self.prepare_latents(batch, height, width, generator, latents, device)
         opts = {**setup.options, **({"eta": eta} if setup.solver == "ddim" else {})}
         self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_inference_steps, False

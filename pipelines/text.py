@@ -40,18 +40,26 @@ FLUX_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, which a g
 
 
 def diffusers_view(pipe, family: str):
-    """The family's diffusers pipeline over ``pipe``'s text components and backbone (no scheduler, no VAE)."""
+    """The family's diffusers pipeline over ``pipe``'s text components and backbone (no scheduler, no VAE); kept
+    while those components stay the same objects (building StableDiffusionPipeline costs ~10 ms of checks)."""
     import diffusers
 
-    cls = getattr(diffusers, PIPELINE_CLASSES[family])
     components = {name: getattr(pipe, name, None) for name in COMPONENTS[family]}
+    key = (family, pipe.config.force_zeros_for_empty_prompt, *(id(c) for c in components.values()))
+    cached = pipe.__dict__.get("_diffusers_view")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cls = getattr(diffusers, PIPELINE_CLASSES[family])
     if family == "sd":
-        return cls(vae=None, scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        view = cls(vae=None, scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                    **components)
-    if family == "sdxl":
-        return cls(vae=None, scheduler=None, add_watermarker=False,
+    elif family == "sdxl":
+        view = cls(vae=None, scheduler=None, add_watermarker=False,
                    force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt, **components)
-    return cls(vae=None, scheduler=None, **components)
+    else:
+        view = cls(vae=None, scheduler=None, **components)
+    pipe.__dict__["_diffusers_view"] = (key, view)
+    return view
 
 
 def _as_list(name: str, value, batch: int) -> list[str] | None:
