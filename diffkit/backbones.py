@@ -16,6 +16,8 @@ it already; the others get a thin adapter:
   is guidance-distilled, a guidance embedding: ``FluxBackbone`` packs x, builds the image and text ids and unpacks
   the output with diffusers' own ``FluxPipeline`` helpers, exactly as ``FluxPipeline`` calls the transformer.
 
+Every adapter runs the network in its own dtype and answers in the caller's (float32 in diffkit's pipelines), so a
+float16 / bfloat16 model's solver arithmetic stays in float32, as diffusers' schedulers upcast theirs.
 ``family_of(model)`` names what a network is; ``as_backbone(model)`` gives the callable the Denoiser drives.
 """
 
@@ -66,18 +68,25 @@ def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class _Backbone(torch.nn.Module):
-    """A network behind the common call. Anything else (parameters, dtype, config, blocks for feature hooks) is the
-    wrapped network's, so code that reads or hooks the model sees the diffusers model itself."""
+    """A network behind the common call. It runs in its own dtype (float16 / bfloat16 weights take their latents in
+    that dtype) and answers in the caller's, so the solvers keep their arithmetic in float32, as diffusers' schedulers
+    upcast theirs. Anything else (parameters, dtype, config, blocks for feature hooks) is the wrapped network's, so
+    code that reads or hooks the model sees the diffusers model itself."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
+
+    def forward(self, x, t, return_dict: bool = False, **cond):
+        out = self.model(x.to(self.model_dtype), t, **cond, return_dict=False)[0]
+        return (out.to(x.dtype),)
 
 
 class SDXLBackbone(_Backbone):
@@ -87,8 +96,9 @@ class SDXLBackbone(_Backbone):
     def forward(self, x, t, encoder_hidden_states=None, text_embeds=None, time_ids=None, return_dict: bool = False,
                 **kwargs):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.model(x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False,
-                          **kwargs)
+        out = self.model(x.to(self.model_dtype), t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
+                         return_dict=False, **kwargs)[0]
+        return (out.to(x.dtype),)
 
 
 class SD3Backbone(_Backbone):
@@ -98,10 +108,10 @@ class SD3Backbone(_Backbone):
 
     def forward(self, x, t, encoder_hidden_states=None, pooled_projections=None, return_dict: bool = False, **kwargs):
         out = self.model(
-            hidden_states=x, timestep=_per_sample(t, x.shape[0]).to(x.device), encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections, return_dict=False, **kwargs,
+            hidden_states=x.to(self.model_dtype), timestep=_per_sample(t, x.shape[0]).to(x.device),
+            encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, return_dict=False, **kwargs,
         )[0]
-        return (out,)
+        return (out.to(x.dtype),)
 
 
 class FluxBackbone(_Backbone):
@@ -116,6 +126,7 @@ class FluxBackbone(_Backbone):
         from diffusers import FluxPipeline
 
         b, c, h, w = x.shape
+        caller_dtype, x = x.dtype, x.to(self.model_dtype)
         if h % 2 or w % 2:
             raise ValueError(f"Flux packs 2x2 latent patches: the latent height and width must be even, got {h}x{w}")
         if self.model.config.guidance_embeds != (guidance is not None):
@@ -129,16 +140,10 @@ class FluxBackbone(_Backbone):
             hidden_states=packed, timestep=timestep, guidance=guidance, pooled_projections=pooled_projections,
             encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=img_ids, return_dict=False, **kwargs,
         )[0]
-        return (FluxPipeline._unpack_latents(out, h, w, 1),)
+        return (FluxPipeline._unpack_latents(out, h, w, 1).to(caller_dtype),)
 
 
 def as_backbone(model):
-    """The callable ``Denoiser`` drives for ``model``: the UNet itself, or its transformer adapter."""
+    """The callable ``Denoiser`` drives for ``model``: its family's adapter (a UNet's only casts dtypes)."""
     family = family_of(model)
-    if family == "sdxl":
-        return SDXLBackbone(model)
-    if family == "sd3":
-        return SD3Backbone(model)
-    if family == "flux":
-        return FluxBackbone(model)
-    return model
+    return {"sdxl": SDXLBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}.get(family, _Backbone)(model)

@@ -169,6 +169,22 @@ class DiffkitPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._guidance_scale, self._num_timesteps, self._interrupt = 1.0, 0, False
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' ``from_pipe`` (the components are shared, mapped by name), leaving every shared module in the
+        dtype it has. diffusers casts them all to float32 unless ``dtype=`` is given, which would also turn the source
+        pipeline's float16 / bfloat16 modules to float32 under its feet; an explicit ``dtype=`` still casts."""
+        if "dtype" in kwargs or "torch_dtype" in kwargs:
+            return super().from_pipe(pipeline, **kwargs)
+        modules = {name: m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module)}
+        dtypes = {name: next((p.dtype for p in m.parameters()), None) for name, m in modules.items()}
+        network = next((dtypes[n] for n in ("unet", "transformer") if dtypes.get(n) is not None), torch.float32)
+        new = super().from_pipe(pipeline, dtype=network, **kwargs)
+        for name, module in modules.items():
+            if dtypes[name] is not None and next(module.parameters()).dtype != dtypes[name]:
+                module.to(dtypes[name])
+        return new
+
     # -- what the model is -----------------------------------------------------------------------
 
     @property
@@ -380,12 +396,13 @@ class DiffkitPipeline(DiffusionPipeline):
     def prepare_latents(self, batch: int, height: int, width: int, generator=None, latents=None, device=None):
         """The initial noise: drawn from ``generator`` (one per image for batch-independent seeds) or the given
         ``latents``, checked for shape and finiteness. Latents are spatial, (B, C, H / f, W / f); for Flux the packed
-        latents ``FluxPipeline.prepare_latents`` makes, (B, H W / 4f^2, 4C), are accepted and unpacked."""
+        latents ``FluxPipeline.prepare_latents`` makes, (B, H W / 4f^2, 4C), are accepted and unpacked. They come back
+        in float32 (the solvers' arithmetic; the backbone runs in its own dtype), keeping autograd."""
         device = device or self._execution_device
         shape = self.latent_shape(batch, height, width)
         check_generator(generator, batch)
-        if latents is None:
-            return randn_tensor(shape, generator=generator, device=device, dtype=self.network.dtype)
+        if latents is None:  # drawn in the network's dtype, as diffusers draws them, then held in float32
+            return randn_tensor(shape, generator=generator, device=device, dtype=self.network.dtype).float()
         if not torch.is_tensor(latents):
             raise ValueError(f"latents must be a tensor of shape {shape}, got {type(latents).__name__}")
         packed = (batch, shape[2] * shape[3] // 4, shape[1] * 4)
@@ -397,7 +414,7 @@ class DiffkitPipeline(DiffusionPipeline):
             also = f" (or packed, {packed})" if self.family == "flux" else ""
             raise ValueError(f"latents must have shape {shape}{also}, got {tuple(latents.shape)}")
         check_finite_tensor("latents", latents)
-        return latents.to(device)
+        return latents.to(device, torch.float32)
 
     def dynamic_shift_mu(self, height: int, width: int) -> float | None:
         """SD3 / Flux with a dynamically shifting scheduler: the exponent mu their pipelines compute from the number of

@@ -99,7 +99,7 @@ class InverseProblemPipeline(GuidedPipeline):
         height, width = self.check_size(height, width)
 
         device = self._execution_device
-        y = measurement.to(device=device, dtype=self.network.dtype)
+        y = measurement.to(device=device, dtype=torch.float32)
         cond = self._prior_condition(class_labels, prompt, prompt_embeds, batch, device, height, width, text_options)
         if self.vae is not None:
             operator = Compose(VaeDecoder(self.vae), operator)

@@ -191,7 +191,7 @@ class ModalityBlendPipeline(GuidedPipeline):
         cond, uncond = self._blend_condition(class_labels, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              batch, device, self.uses_guidance(rule, guidance_scale), shape, text_options)
         if self.vae is not None:  # complete in latent space: the encoded image, the mask on the latent grid
-            known = VaeDecoder(self.vae).pinv(pixels).to(self.network.dtype)
+            known = VaeDecoder(self.vae).pinv(pixels).float()
             latent_mask = F.adaptive_max_pool2d(mask, known.shape[-2:])
         else:
             known, latent_mask = pixels, mask
