@@ -58,11 +58,13 @@ class Guidance(ABC):
         """The rule itself, on predictions in ``self.space``."""
 
     def _space(self, state: StepState) -> str:
-        if self.space != "model":
-            return SPACES[self.space]
-        if state.prediction_type is None:
+        """The prediction type the rule acts on at this step. Where alpha = 0 (pure noise: a flow model's first
+        step, zero terminal SNR) every eps prediction is x / sigma and carries nothing of x0, so an eps-space rule
+        acts in x0 space there."""
+        space = SPACES[self.space] if self.space != "model" else state.prediction_type
+        if space is None:
             raise ValueError("space='model' needs the network's prediction type, which Denoiser.guided_x0 puts in the step state")
-        return state.prediction_type
+        return "sample" if space == "epsilon" and state.alpha == 0 else space
 
     @classmethod
     def from_diffusers(cls, guider, space: str = "model") -> "Guidance":
@@ -194,7 +196,8 @@ class DiffusersGuider(Guidance):
     def is_active(self, state: StepState) -> bool:
         self.guider.set_state(state.step, state.num_steps, state.t)
         self.guider.prepare_inputs({})
-        return self.guider.num_conditions > 1
+        # CFG-Zero* zeroes its first steps' prediction whether or not guidance is on there
+        return self.guider.num_conditions > 1 or state.step < getattr(self.guider, "zero_init_steps", 0)
 
     def guide(self, cond, uncond, state):
         return self.guider.forward(pred_cond=cond, pred_uncond=uncond).pred
