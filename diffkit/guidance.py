@@ -184,9 +184,21 @@ class DiffusersGuider(Guidance):
         if type(guider).prepare_models is not BaseGuidance.prepare_models:
             raise ValueError(f"{name} modifies the network for one of its passes (prepare_models); diffkit's guidance "
                              "sees the plain network's conditional and unconditional predictions only")
+        self.guider = guider
         scale = getattr(guider, "guidance_scale", None)
         super().__init__(float(scale) if isinstance(scale, (int, float)) else 0.0, space)
-        self.guider = guider
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guider's own scale (where it has one), so that setting it here (diffusers' callbacks change
+        ``pipe._guidance_scale``) changes the guider."""
+        return getattr(self.guider, "guidance_scale", self._scale)
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        self._scale = value
+        if isinstance(getattr(self.guider, "guidance_scale", None), (int, float)):
+            self.guider.guidance_scale = value
 
     @property
     def momentum(self) -> float:

@@ -266,3 +266,14 @@ def test_guidance_rules_run_on_a_flow_model(solver):
             assert torch.allclose(run(APG(4.0, eta=1.0, space=space)), cfg, atol=1e-5), space
         assert torch.allclose(run(Rescaled(CFG(4.0), phi=0.0)), cfg, atol=1e-5)
         assert (run(APG(4.0, eta=0.0, norm_threshold=0.5)) - cfg).abs().max() > 1e-3  # 5e-3: the class term is small
+
+
+def test_a_diffusers_guider_follows_scale_changes():
+    """diffusers' callbacks change the pipeline's guidance scale; on a wrapped guider the change reaches it."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    guider = Guidance.from_diffusers(ClassifierFreeGuidance(guidance_scale=5.0))
+    assert guider.guidance_scale == 5.0
+    guider.guidance_scale = 1.0  # what pipelines set to turn guidance off
+    state = StepState(3, 10, torch.tensor(400.0), 0.6, 0.8, torch.randn(1, 3, 4, 4), prediction_type="epsilon")
+    assert guider.guider.guidance_scale == 1.0 and not guider.is_active(state)
