@@ -16,7 +16,7 @@ from diffusers import (
 from diffkit.denoiser import Denoiser
 from diffkit.guidance import CFG
 from diffkit.schedule import NoiseSchedule, StepGrid, calculate_shift
-from diffkit.solvers import SOLVERS, make_timesteps, sample_ddim, sample_euler, sample_heun, solver_for
+from diffkit.solvers import SOLVERS, make_timesteps, sample_ddim, sample_euler, solver_for
 from helpers import NearlyTrainedModel, tiny_unet
 
 
