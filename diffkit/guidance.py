@@ -58,11 +58,13 @@ class Guidance(ABC):
         """The rule itself, on predictions in ``self.space``."""
 
     def _space(self, state: StepState) -> str:
-        if self.space != "model":
-            return SPACES[self.space]
-        if state.prediction_type is None:
+        """The prediction type the rule acts on at this step. Where alpha = 0 (pure noise: a flow model's first
+        step, zero terminal SNR) every eps prediction is x / sigma and carries nothing of x0, so an eps-space rule
+        acts in x0 space there."""
+        space = SPACES[self.space] if self.space != "model" else state.prediction_type
+        if space is None:
             raise ValueError("space='model' needs the network's prediction type, which Denoiser.guided_x0 puts in the step state")
-        return state.prediction_type
+        return "sample" if space == "epsilon" and state.alpha == 0 else space
 
     @classmethod
     def from_diffusers(cls, guider, space: str = "model") -> "Guidance":
@@ -182,9 +184,21 @@ class DiffusersGuider(Guidance):
         if type(guider).prepare_models is not BaseGuidance.prepare_models:
             raise ValueError(f"{name} modifies the network for one of its passes (prepare_models); diffkit's guidance "
                              "sees the plain network's conditional and unconditional predictions only")
+        self.guider = guider
         scale = getattr(guider, "guidance_scale", None)
         super().__init__(float(scale) if isinstance(scale, (int, float)) else 0.0, space)
-        self.guider = guider
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guider's own scale (where it has one), so that setting it here (diffusers' callbacks change
+        ``pipe._guidance_scale``) changes the guider."""
+        return getattr(self.guider, "guidance_scale", self._scale)
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        self._scale = value
+        if isinstance(getattr(self.guider, "guidance_scale", None), (int, float)):
+            self.guider.guidance_scale = value
 
     @property
     def momentum(self) -> float:
@@ -194,7 +208,8 @@ class DiffusersGuider(Guidance):
     def is_active(self, state: StepState) -> bool:
         self.guider.set_state(state.step, state.num_steps, state.t)
         self.guider.prepare_inputs({})
-        return self.guider.num_conditions > 1
+        # CFG-Zero* zeroes its first steps' prediction whether or not guidance is on there
+        return self.guider.num_conditions > 1 or state.step < getattr(self.guider, "zero_init_steps", 0)
 
     def guide(self, cond, uncond, state):
         return self.guider.forward(pred_cond=cond, pred_uncond=uncond).pred

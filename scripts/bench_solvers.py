@@ -13,7 +13,6 @@ Writes the table to assets/bench_solvers.md and a figure to assets/bench_solvers
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
@@ -22,7 +21,7 @@ import diffkit
 from diffkit import metrics
 from diffkit.data import colored_digits
 from diffkit.guidance import CFG
-from diffkit.images import save_figure_atomic, write_text_atomic
+from diffkit.bench import markdown_table, write_results
 from diffkit.solvers import SOLVERS, solver_for
 
 
@@ -118,34 +117,23 @@ def main():
         rows.append(row)
         print(f"{solver} ({sigmas} sigmas) {steps}: done", flush=True)
 
-    table = format_table(rows, n_images)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out / f"bench_solvers{suffix}.md", table)
-    plot(rows, out / f"bench_solvers{suffix}.png")
+    write_results(args.out, "bench_solvers", args.quick, format_table(rows, n_images), figure=plot(rows))
 
 
 def format_table(rows, n_images) -> str:
     cols = ["solver", "sigmas", "steps", "diffusers ms/img", "diffkit ms/img", "slowdown", "diffusers FD", "diffkit FD",
             "diffusers acc", "diffkit acc", "max |diffkit - diffusers|"]
     fmt = {"slowdown": "{:+.1%}", "diffusers acc": "{:.1%}", "diffkit acc": "{:.1%}"}
-    lines = [
+    note = (
         f"Default model, CFG scale {GUIDANCE_SCALE}, {n_images} images per cell for FD / accuracy, time = best of "
         f"interleaved repeats on 25 images, torch threads {torch.get_num_threads()}; FD to 500 held-out digits on "
-        "digits-classifier features.",
-        "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
-    ]
-    for r in rows:
-        cells = [fmt.get(c, "{:.2f}" if isinstance(r[c], float) else "{}").format(r[c]) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        "digits-classifier features."
+    )
+    cells = [[fmt.get(c, "{:.2f}" if isinstance(r[c], float) else "{}").format(r[c]) for c in cols] for r in rows]
+    return markdown_table(cols, cells, note)
 
 
-def plot(rows, path: Path) -> None:
+def plot(rows):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +151,7 @@ def plot(rows, path: Path) -> None:
     axes[1].set(xlabel="steps", ylabel="ms per image", title="time")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    return fig
 
 
 if __name__ == "__main__":

@@ -245,3 +245,35 @@ def test_magnitude_aware_guider_on_token_sequences():
     guider = Guidance.from_diffusers(MagnitudeAwareGuidance(guidance_scale=4.0))
     assert guider.is_active(state)
     assert torch.allclose(to_flow(guider(x0_c, x0_u, state)), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_guidance_rules_run_on_a_flow_model(solver):
+    """diffkit's rules on a flow-matching model (velocity prediction), every solver: APG with eta = 1, r = 0 and
+    no momentum is CFG in any space, CFG-rescale with phi = 0 is its base, and real APG differs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    model = NearlyTrainedModel(NoiseSchedule.flow_matching(), "flow", num_class_embeds=4)
+    denoiser = Denoiser.from_pipeline_components(model, scheduler)
+    grid = solver_for(scheduler, 6, solver=solver).grid
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(cond={"class_labels": torch.tensor([0, 1])}, uncond={"class_labels": torch.tensor([3, 3])})
+    run = lambda rule: SOLVERS[solver].fn(denoiser, noise, grid, guidance=rule, **kw)  # noqa: E731
+    with torch.no_grad():
+        cfg = run(CFG(4.0))
+        for space in ("x0", "eps", "v", "flow", "model"):
+            assert torch.allclose(run(APG(4.0, eta=1.0, space=space)), cfg, atol=1e-5), space
+        assert torch.allclose(run(Rescaled(CFG(4.0), phi=0.0)), cfg, atol=1e-5)
+        assert (run(APG(4.0, eta=0.0, norm_threshold=0.5)) - cfg).abs().max() > 1e-3  # 5e-3: the class term is small
+
+
+def test_a_diffusers_guider_follows_scale_changes():
+    """diffusers' callbacks change the pipeline's guidance scale; on a wrapped guider the change reaches it."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    guider = Guidance.from_diffusers(ClassifierFreeGuidance(guidance_scale=5.0))
+    assert guider.guidance_scale == 5.0
+    guider.guidance_scale = 1.0  # what pipelines set to turn guidance off
+    state = StepState(3, 10, torch.tensor(400.0), 0.6, 0.8, torch.randn(1, 3, 4, 4), prediction_type="epsilon")
+    assert guider.guider.guidance_scale == 1.0 and not guider.is_active(state)

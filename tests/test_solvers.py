@@ -16,7 +16,7 @@ from diffusers import (
 from diffkit.denoiser import Denoiser
 from diffkit.guidance import CFG
 from diffkit.schedule import NoiseSchedule, StepGrid, calculate_shift
-from diffkit.solvers import SOLVERS, make_timesteps, sample_ddim, sample_euler, sample_heun, solver_for
+from diffkit.solvers import SOLVERS, make_timesteps, sample_ddim, sample_euler, solver_for
 from helpers import NearlyTrainedModel, tiny_unet
 
 
@@ -394,3 +394,19 @@ def test_solver_contract_is_the_protocol():
             grid = timesteps if isinstance(timesteps, StepGrid) else StepGrid.from_timesteps(schedule, timesteps)
             exact = 0.5 * noise / (0.25 * grid.alpha[0] ** 2 + grid.sigma[0] ** 2) ** 0.5  # the flow's end from x_T
             assert (out - exact).abs().max() < 0.05, (name, (out - exact).abs().max())  # DDIM: 0.024
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_solver_for_keeps_the_plain_arrays_walk_where_they_agree(name, spacing):
+    """Where a plain timestep array already reproduced diffusers (integer timesteps, no sigma options, DDIM steps
+    landing on its next timestep), solver_for's grid is the same walk, to the bit: pipelines switching to it keep
+    their outputs."""
+    scheduler = getattr(diffusers, name)(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
+                                         **({"clip_sample": False} if name == "DDIMScheduler" else {}))
+    solver = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler"}[name]
+    schedule = NoiseSchedule.from_config(scheduler.config, clamp_zero_snr=name != "DDIMScheduler")
+    plain = StepGrid.from_timesteps(schedule, make_timesteps(schedule, solver, 10, scheduler.config))
+    grid = solver_for(scheduler, 10).grid
+    assert grid.timesteps.tolist() == plain.timesteps.tolist() and not grid.jumps
+    assert grid.alpha == plain.alpha and grid.sigma == plain.sigma
