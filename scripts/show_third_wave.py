@@ -188,22 +188,20 @@ def draw(by_card: dict) -> plt.Figure:
         for m in methods(f"virgo_depth{depths[0]}"):
             stats = [mean_std([r["metrics"]["test_accuracy"] for r in runs(f"virgo_depth{d}", m)]) for d in depths]
             ax.errorbar(depths, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", label=m, capsize=3)
-        ax.set(xscale="log", xticks=depths, xticklabels=[str(d) for d in depths], xlabel="GCN layers",
-               ylabel="test accuracy", title="GNN initialisers, kNN digits graph (5 seeds)")
+        ax.set(xticks=depths, xlabel="GCN layers", ylabel="test accuracy",
+               title="GNN initialisers, kNN digits graph (5 seeds)")
         ax.legend(fontsize=7)
 
     ax = axes[7]  # Virgo: variance spread at initialisation against depth
     if depths:
-        for m in methods(f"virgo_depth{depths[0]}"):
-            stats = [mean_std([r["metrics"]["backward_variance_spread"] for r in runs(f"virgo_depth{d}", m)])
-                     for d in depths]
-            ax.plot(depths, [s[0] for s in stats], marker="o", label=f"{m} backward")
-            stats = [mean_std([r["metrics"]["forward_variance_spread"] for r in runs(f"virgo_depth{d}", m)])
-                     for d in depths]
-            ax.plot(depths, [s[0] for s in stats], marker="x", ls="--", label=f"{m} forward")
-        ax.set(xscale="log", xticks=depths, xticklabels=[str(d) for d in depths], xlabel="GCN layers",
-               ylabel="log10(max / min layer variance)", title="variance spread at initialisation")
-        ax.legend(fontsize=6, ncol=2)
+        for i, m in enumerate(methods(f"virgo_depth{depths[0]}")):
+            for key, style in (("backward_variance_spread", "-"), ("forward_variance_spread", "--")):
+                stats = [mean_std([r["metrics"][key] for r in runs(f"virgo_depth{d}", m)]) for d in depths]
+                ax.plot(depths, [s[0] for s in stats], style, marker="o", color=f"C{i}",
+                        label=m if style == "-" else None)
+        ax.set(xticks=depths, xlabel="GCN layers", ylabel="log10(max / min layer variance)",
+               title="variance spread at init: gradients (solid), outputs (dashed)")
+        ax.legend(fontsize=7)
 
     ax = axes[8]  # PGNM: clean accuracy after fine-tuning and the unseen-class probe
     if "pgnm" in by_card:
