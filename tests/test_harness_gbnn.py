@@ -159,6 +159,10 @@ def test_boost_card_runs_every_method_and_refuses_mismatched_sections():
     bad["optimizer"] = {"name": "adam"}
     with pytest.raises(ValueError, match="takes no optimizer section"):
         validate_card(bad)
+    classify = json.loads((ROOT / "cards" / "elr_label_noise.json").read_text())
+    classify["methods"]["gbnn"] = {"algorithm": {"name": "gbnn"}}
+    with pytest.raises(ValueError, match="'gbnn' runs only in task 'boost', not in 'classify'"):
+        validate_card(classify)
     bad = json.loads((ROOT / "cards" / "gbnn.json").read_text())
     bad["model"]["activation"] = "relu"
     with pytest.raises(ValueError, match="activation must be logistic"):

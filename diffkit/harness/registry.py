@@ -21,7 +21,6 @@ from .coherence import RobustMeanGD
 from .condensation import Condensation, ConvNet
 from .diffgrad import DiffGrad
 from .elr import ELRLoss
-from .virgo import GCN, digits_knn_graph, standard_init, virgo_init
 from .gbnn import GBNN, MLPTrainer, one_hidden_mlp
 from .ghost_bn import GhostBatchNorm1d
 from .growth import Growth, TemplateMLP
@@ -32,6 +31,7 @@ from .noise_mask import NoiseMaskPretraining, SmallCNN
 from .ofq import ConfidenceGuidedAnnealing, TinyViT
 from .shift import shift_factory
 from .statsq import statsq_factory
+from .virgo import GCN, digits_knn_graph, standard_init, virgo_init
 from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
 

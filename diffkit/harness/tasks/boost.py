@@ -104,4 +104,4 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     return metrics
 
 
-TASK = Task("boost", METRICS, check, run, optimizer=False, budget=BUDGET)
+TASK = Task("boost", METRICS, check, run, optimizer=False, budget=BUDGET, algorithms=("gbnn", "mlp_backprop"))
