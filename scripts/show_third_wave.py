@@ -178,7 +178,7 @@ def draw(by_card: dict) -> plt.Figure:
             stats = [mean_std([r["metrics"][k] for r in runs("gbnn", m)]) for k in keys]
             ax.errorbar([25, 50, 75, 100], [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", label=m,
                         capsize=3)
-        ax.set(xlabel="% of the 200 hidden units kept (GBNN: first trained; MLPs: random)", ylabel="test accuracy",
+        ax.set(xlabel="% of 200 hidden units kept (GBNN: first trained; MLP: random)", ylabel="test accuracy",
                title="GBNN vs backprop MLPs, digits (5 seeds)")
         ax.legend(fontsize=7)
 
