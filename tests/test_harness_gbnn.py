@@ -93,6 +93,14 @@ def test_weak_regressor_gradient_is_its_objectives_and_the_boosted_loss_falls():
     assert gbnn.losses[-1] < 0.5 * gbnn.losses[0] and (gbnn.predict(xs) == y).double().mean() > 0.9
 
 
+def test_a_non_finite_newton_step_is_reported_as_divergence():
+    x, y = _blobs(3)
+    gbnn = GBNN(units=3, max_iter=5).fit(x, y, 3, torch.Generator().manual_seed(0))
+    assert not gbnn.diverged
+    gbnn.rhos[1] = math.inf  # what sum f^2 p (1 - p) = 0 gives once the predictions saturate
+    assert gbnn.diverged
+
+
 def test_gbnn_and_trainer_refuse_bad_settings():
     with pytest.raises(ValueError, match="subsample"):
         GBNN(subsample=0)
@@ -145,10 +153,16 @@ def test_boost_card_runs_every_method_and_refuses_mismatched_sections():
     for method in card["methods"]:
         record = run_method(card, method, 0, progress=False)
         assert 0 <= record["metrics"]["test_accuracy"] <= 1 and "units25_test_accuracy" in record["metrics"]
+        if method == "gbnn_eta_val":
+            assert record["metrics"]["selected_eta"] in (1.0, 0.5, 0.1)
     bad = json.loads((ROOT / "cards" / "gbnn.json").read_text())
     bad["optimizer"] = {"name": "adam"}
     with pytest.raises(ValueError, match="takes no optimizer section"):
         validate_card(bad)
+    classify = json.loads((ROOT / "cards" / "elr_label_noise.json").read_text())
+    classify["methods"]["gbnn"] = {"algorithm": {"name": "gbnn"}}
+    with pytest.raises(ValueError, match="'gbnn' runs only in task 'boost', not in 'classify'"):
+        validate_card(classify)
     bad = json.loads((ROOT / "cards" / "gbnn.json").read_text())
     bad["model"]["activation"] = "relu"
     with pytest.raises(ValueError, match="activation must be logistic"):

@@ -11,7 +11,9 @@ the robust-mean variants of gradient descent it motivates.
   -- M3 for k = 3 (Zielinski, Krishnan & Chatterjee, Weak and Strong Gradient Directions, arXiv 2003.07422).
 
 Both robust means attenuate the weak gradient directions that only a few examples support, which the theory says is
-how individual (e.g. mislabelled) examples get memorised. ``RobustMeanGD`` is a harness algorithm that steps along the
+how individual (e.g. mislabelled) examples get memorised. The full text of 2203.10036 could not be retrieved here:
+the two estimators follow the papers that introduced them (as the research notes and the abstracts describe them),
+which 2203.10036 cites for its robust-averaging variants of GD. ``RobustMeanGD`` is a harness algorithm that steps along the
 robust mean of the batch's per-example gradients (``torch.func``), so any optimizer applies it.
 """
 

@@ -170,6 +170,12 @@ class GBNN:
             self.losses.append(self._loss(target, raw).item())
         return self
 
+    @property
+    def diverged(self) -> bool:
+        """Whether a Newton step was not finite (sum f^2 p (1 - p) underflows to 0 once the predictions saturate):
+        from there on the model is NaN, as the official code's would be."""
+        return not all(math.isfinite(rho) for rho in self.rhos)
+
     def _check_steps(self, steps):
         if not self.learners:
             raise ValueError("GBNN is not fitted: call fit first")

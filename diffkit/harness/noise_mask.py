@@ -139,8 +139,8 @@ class NoiseMaskPretraining:
         if not noise_std > 0:
             raise ValueError(f"noise_std must be > 0, got {noise_std!r}")
         gaussian_blur(torch.zeros(1, 1, kernel, kernel), kernel, sigma)  # validates kernel / sigma now
-        self.kind, self.image_shape, self.kernel, self.sigma, self.noise_std = kind, tuple(image_shape), kernel, sigma, \
-            noise_std
+        self.kind, self.image_shape = kind, tuple(image_shape)
+        self.kernel, self.sigma, self.noise_std = kernel, sigma, noise_std
         # the official initial bases: U[0, 1) logits per cell (drawn from the run's seeded global generator)
         self.base_alpha, self.base_beta = torch.rand(1, grid * grid), torch.rand(1, grid * grid)
         self.policy = self.policy_optimizer = self.policy_schedule = None

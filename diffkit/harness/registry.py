@@ -21,7 +21,6 @@ from .compander import CompanderStep, WeightCompander, apply_weight_compander
 from .condensation import Condensation, ConvNet, shared_texture
 from .diffgrad import DiffGrad
 from .elr import ELRLoss
-from .virgo import GCN, digits_knn_graph, standard_init, virgo_init
 from .gbnn import GBNN, MLPTrainer, one_hidden_mlp
 from .ghost_bn import GhostBatchNorm1d, GradientClipping
 from .growth import Growth, TemplateMLP
@@ -33,6 +32,7 @@ from .ofq import ConfidenceGuidedAnnealing, TinyViT
 from .shift import shift_factory
 from .statsq import statsq_factory
 from .validation import validation_split
+from .virgo import GCN, digits_knn_graph, standard_init, virgo_init
 from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
 
@@ -365,11 +365,12 @@ ALGORITHMS = Registry("algorithm", {
         "Yavuz & Yang, Policy Gradient-Driven Noise Mask, arXiv 2406.14568; ogrenenmakine/"
         "Policy-Gradient-Driven-Noise-Mask _policy_gradient/ (official loss, policy SGD at lr / 10 with cosine "
         "decay, EMA bases); grid, blur kernel and sigma scaled from 64 / 13 / 6 at 224 pixels"),
-    "gbnn": Entry(lambda **p: (lambda units: GBNN(units=units, **p)),
-                  {"units_per_step": 1, "eta": 1.0, "max_iter": 200, "subsample": 0.5, "alpha": 1e-4},
+    "gbnn": Entry(lambda etas, **p: (etas, lambda units, eta: GBNN(units=units, eta=eta, **p)),
+                  {"units_per_step": 1, "etas": [1.0], "max_iter": 200, "subsample": 0.5, "alpha": 1e-4},
                   "Emami & Martinez-Munoz, Sequential Training of Neural Networks with Gradient Boosting, IEEE Access "
                   "2023, arXiv 1909.12098; GAA-UAM/GBNN gbnn/GBNN.py defaults (J = 1, eta 1, L-BFGS 200 iterations, "
-                  "subsample 0.5; the unit count is the model's)"),
+                  "subsample 0.5; the unit count is the model's); several etas: the one with the best validation "
+                  "accuracy"),
     "mlp_backprop": Entry(MLPTrainer, {"solver": "adam", "lrs": [1e-3], "max_iter": 200, "batch_size": 200,
                                        "alpha": 1e-4, "momentum": 0.9, "tol": 1e-4, "n_iter_no_change": 10},
                           "scikit-learn MLPClassifier's solvers and defaults (adam / sgd with Nesterov momentum / "

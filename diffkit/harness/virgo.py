@@ -1,6 +1,6 @@
-"""Virgo: variance-preserving initialisation of graph neural networks (Li, Zhu & Zhang et al., "Understanding and
-Improving the Initialization of Graph Neural Networks" -- Virgo, ICML 2023; official code LspongebobJH/virgo_icml2023,
-``utils.py``), and the plain-torch GCN and kNN graph it is studied on here.
+"""Virgo: variance-preserving initialisation of graph neural networks (Li, Song, Song & Wipf, On the Initialization of
+Graph Neural Networks, ICML 2023, arXiv 2312.02622; official code LspongebobJH/virgo_icml2023, ``utils.py``), and the
+plain-torch GCN and kNN graph it is studied on here.
 
 Each layer l of an L-layer GCN, H_{l+1} = act(A H_l W_l + b_l) with A the symmetrically normalised adjacency with
 self-loops, gets weights ~ U(+-sqrt(3 v_l)). The variance v_l keeps the layer's output (forward) or gradient

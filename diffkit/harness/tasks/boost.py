@@ -13,7 +13,7 @@ from .base import Task, build_data, check_data, component_spec, refuse_sections
 
 
 METRICS = ("test_accuracy", "units25_test_accuracy", "units50_test_accuracy", "units75_test_accuracy",
-           "validation_accuracy", "train_accuracy", "selected_lr")
+           "validation_accuracy", "train_accuracy", "selected_lr", "selected_eta", "diverged_fits")
 BUDGET = {"validation_fraction": 0.2}
 FRACTIONS = (25, 50, 75)
 
@@ -33,7 +33,11 @@ def check(config: dict, where: str) -> None:
     if name == "gbnn":
         if model["activation"] != "logistic":
             raise ValueError(f"{where}.model.activation must be logistic for GBNN (its weak regressors' units)")
-        built(units=model["units"])
+        etas, make = built
+        if not (isinstance(etas, list) and etas):
+            raise ValueError(f"{where}.algorithm.etas must be a non-empty list of learning rates, got {etas!r}")
+        for eta in etas:
+            make(units=model["units"], eta=eta)
     fraction = config["budget"]["validation_fraction"]
     if not (isinstance(fraction, float) and 0 < fraction < 1):
         raise ValueError(f"{where}.budget.validation_fraction must be a float in (0, 1), got {fraction!r}")
@@ -63,8 +67,17 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     if name == "gbnn":
         if data.num_classes == 2:
             raise ValueError("the boost task reports argmax accuracy of K logits: it needs >= 3 classes")
-        gbnn = ALGORITHMS.build(name, **params)(units=units)
-        gbnn.fit(x, y, data.num_classes, torch.Generator().manual_seed(seed), progress)
+        etas, make = ALGORITHMS.build(name, **params)
+        best, diverged = None, 0
+        for eta in etas:  # each eta from the same subsamples and initial weights; the best validation accuracy wins
+            candidate = make(units=units, eta=eta).fit(x, y, data.num_classes, torch.Generator().manual_seed(seed),
+                                                       progress)
+            diverged += candidate.diverged
+            val = acc(candidate.to_mlp(), x_val, y_val)
+            if best is None or (not candidate.diverged and (best[0].diverged or val > best[1])):
+                best = (candidate, val, eta)
+        gbnn = best[0]
+        metrics.update(selected_eta=best[2], diverged_fits=diverged)
         net = gbnn.to_mlp()
         for percent in FRACTIONS:  # the first-trained units: the boosted model after that many steps
             metrics[f"units{percent}_test_accuracy"] = acc(gbnn.to_mlp(gbnn.steps_total * percent // 100),
@@ -91,4 +104,4 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     return metrics
 
 
-TASK = Task("boost", METRICS, check, run, optimizer=False, budget=BUDGET)
+TASK = Task("boost", METRICS, check, run, optimizer=False, budget=BUDGET, algorithms=("gbnn", "mlp_backprop"))

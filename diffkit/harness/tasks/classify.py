@@ -36,6 +36,11 @@ def check(config: dict, where: str) -> None:
     ALGORITHMS.check(name, params)
     if name in GROWTH_ALGORITHMS:
         raise ValueError(f"{where}.algorithm {name!r} grows a network: it needs task 'grow', not 'classify'")
+    from . import TASKS  # the registry of tasks imports this module
+
+    owner = next((task.name for task in TASKS.values() if name in task.algorithms), None)
+    if owner is not None:
+        raise ValueError(f"{where}.algorithm {name!r} runs only in task {owner!r}, not in 'classify'")
 
 
 def build_model(config: dict, data, epochs: int):

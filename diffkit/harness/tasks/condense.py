@@ -76,4 +76,5 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
 
 
 # eval_augment: DC's augmentation (crop / scale / rotate, its MNIST setting) while the evaluation networks train
-TASK = Task("condense", METRICS, check, run, optimizer=False, budget={"eval_augment": False})
+TASK = Task("condense", METRICS, check, run, optimizer=False, budget={"eval_augment": False},
+            algorithms=CONDENSATION_ALGORITHMS)

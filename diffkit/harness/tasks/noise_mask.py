@@ -122,4 +122,5 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     return metrics
 
 
-TASK = Task("noise_mask", METRICS, check, run, optimizer=False, budget=BUDGET)
+TASK = Task("noise_mask", METRICS, check, run, optimizer=False, budget=BUDGET,
+            algorithms=("noise_mask_pretraining",))
