@@ -114,7 +114,7 @@ def check_view(view: View, shape: tuple[int, ...], atol: float = 1e-10) -> None:
     except (RuntimeError, IndexError) as err:  # a shape the view cannot take
         raise ValueError(f"view {view.name!r} cannot act on samples of shape {tuple(shape)}: {err}") from None
     if pa.shape != a.shape or back.shape != a.shape:
-        raise ValueError(f"view {view.name!r} must keep the sample shape {tuple(shape)}, got {tuple(pa.shape)}")
+        raise ValueError(f"view {view.name!r} must keep the sample shape {tuple(shape)}, got {tuple(pa.shape[1:])}")
     problems = []
     if not torch.allclose(pab, pa + 2 * pb, atol=atol):
         problems.append("it is not linear")
