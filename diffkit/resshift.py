@@ -206,3 +206,89 @@ class ResShiftScheduler(SchedulerMixin, ConfigMixin):
         self.schedule = ResShiftSchedule.exponential(num_steps, kappa, min_noise_level, etas_end, power)
         _number("a", a, 0.0, low_open=True)
         _number("b", b, 0.0, 1.0)
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+
+
+def resshift_unet(sample_size: int = 16, channels: int = 3, cond_channels: int = 6, width: int = 32):
+    """The x0-predictor used for diffkit's UPSR: a small UNet2DModel that takes [x_t, g(y0), y] on the channel axis
+    (the official Swin-UNet concatenates its low-resolution features the same way)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=channels + cond_channels, out_channels=channels,
+        block_out_channels=(width, 2 * width), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=width,
+    )
+
+
+def upsr_inputs(sr_net, y0: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, g(y0)): the bicubic upsampling of the low-resolution images and the frozen SR network's estimate."""
+    with torch.no_grad():
+        return bicubic_upsample(y0, factor), sr_net(y0)
+
+
+def _warmup_constant(optimizer, warmup: int):
+    """A linear warm-up, then a constant learning rate (the official schedule: 5k warm-up steps, constant until its
+    milestone at the last of 200k iterations)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)))
+
+
+def train_sr_net(sr_net: SRNet, data, steps: int, lr: float = 1e-3, progress: bool = False) -> list[float]:
+    """Fit g by mean squared error: ``data(step)`` returns a batch (x0, y0) of high- and low-resolution images."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.Adam(sr_net.parameters(), lr=lr)
+    losses = []
+    for step in tqdm(range(steps), disable=not progress, desc="train g"):
+        x0, y0 = data(step)
+        loss = F.mse_loss(sr_net(y0), x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def train_resshift(
+    denoiser: ResShiftDenoiser,
+    sr_net,
+    data,
+    steps: int,
+    *,
+    factor: int = 2,
+    weighted: bool = True,
+    a: float = 0.1,
+    b: float = 0.4,
+    lr: float = 5e-4,
+    warmup_fraction: float = 0.025,
+    ema_decay: float = 0.999,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+):
+    """Train the x0-predictor of ``denoiser`` on batches ``data(step)`` = (x0, y0), conditioned on [g(y0), y] with the
+    frozen ``sr_net`` g; ``weighted`` uses UPSR's w_u, otherwise w_u = 1 (ResShift). AdamW and an EMA of the weights
+    (decay 0.999) as the official config; returns (the EMA model, the losses)."""
+    from tqdm.auto import tqdm
+
+    from .training import EMA
+
+    model = denoiser.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = _warmup_constant(optimizer, round(warmup_fraction * steps))
+    ema, losses = EMA(model, ema_decay), []
+    sr_net.eval().requires_grad_(False)
+    for step in tqdm(range(steps), disable=not progress, desc="train x0-predictor"):
+        x0, y0 = data(step)
+        y, g_y = upsr_inputs(sr_net, y0, factor)
+        weight = uncertainty_weight(g_y, y, a, b) if weighted else None
+        loss = resshift_loss(denoiser, x0, y, [g_y, y], weight, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update(model)
+        losses.append(loss.item())
+    return ema.model, losses
