@@ -101,6 +101,14 @@ class Operator:
         """This operator followed by ``other``: x -> other(self(x))."""
         return Compose(self, other)
 
+    @classmethod
+    def from_deepinv(cls, physics, sigma_y: float | None = None) -> "Operator":
+        """A deepinv ``Physics`` as an operator on [-1, 1] images: x -> physics.A((x + 1) / 2), noise-free, with
+        ``pinv`` from its ``A_dagger`` and the adjoint of its linear part (``diffkit.inverse.deepinv``)."""
+        from .deepinv import DeepinvOperator
+
+        return DeepinvOperator(physics, sigma_y)
+
 
 def check_measurement(operator, y: torch.Tensor, image_shape) -> None:
     """Raise ValueError unless y is a finite tensor of the shape ``operator`` maps ``image_shape`` to.
@@ -246,6 +254,7 @@ class SuperResolution(Operator):
 
     def forward(self, x):
         # a reshape-mean rather than F.avg_pool2d, whose float64 CPU backward is ~100x slower
+        self.output_shape(x.shape)  # the size must divide by the factor
         f = self.factor
         return x.unflatten(-1, (x.shape[-1] // f, f)).unflatten(-3, (x.shape[-2] // f, f)).mean((-3, -1))
 
@@ -279,6 +288,7 @@ class BicubicDownsampling(SuperResolution):
         self.cg_iters, self.cg_tol = cg_iters, cg_tol
 
     def forward(self, x):
+        self.output_shape(x.shape)  # the size must divide by the factor
         size = (x.shape[-2] // self.factor, x.shape[-1] // self.factor)
         return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
 
