@@ -12,13 +12,12 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from diffkit.anagram import CORRELATIONS, AnagramDenoiser, classifier_alignment
 from diffkit.denoiser import Denoiser
 from diffkit.guidance import Guidance, make_guidance
 from diffkit.solvers import get_solver, make_timesteps
-from diffkit.views import View, make_view
+from diffkit.views import View, check_view, make_view
 
 from .guided import GuidedPipeline
 
@@ -87,45 +86,21 @@ class AnagramPipeline(GuidedPipeline):
                 (which leaves the data range on a cosine schedule; see ``diffkit.anagram``).
             solver, eta, generator, latents, output_type, return_dict, callback_on_step_end: as in `GuidedPipeline`.
         """
-        self.check_inputs(class_labels, prompt, None, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
-        if not (isinstance(views, (list, tuple)) and len(views) >= 1):
-            raise ValueError(f"views must be a non-empty list of views, got {views!r}")
-        views = [make_view(v) for v in views]
-        given = class_labels if class_labels is not None else prompt
-        if isinstance(given, (str, int)) or len(given) != len(views):
-            what = "class_labels" if class_labels is not None else "prompt"
-            raise ValueError(f"{what} must give one entry per view ({len(views)} views), got {given!r}")
-        if correlation not in CORRELATIONS:
-            raise ValueError(f"correlation must be one of {CORRELATIONS}, got {correlation!r}")
-        if balance and (class_labels is None or self.vae is not None):
-            raise ValueError("balance=True scores each view with the digits classifier: it needs class_labels and a "
-                             "pixel-space model")
-        if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        spec = get_solver(solver)
-        device, batch = self._execution_device, num_images_per_prompt
-        # one condition per view, view-major: view 0's `batch` entries, then view 1's, ...
-        if class_labels is not None:
-            cond, uncond = self._class_conditioning(list(class_labels), batch, device)
-        else:
-            cond, uncond = self._text_conditioning(list(prompt), negative_prompt, None, None, batch, device)
+        self.check_inputs(
+            class_labels, prompt, negative_prompt, num_images_per_prompt, height, width, num_inference_steps,
+            guidance_scale, guidance, guidance_kwargs, guidance_rescale, solver, eta, generator, latents, None, None,
+            output_type, callback_on_step_end_tensor_inputs,
+        )
+        height, width = self.check_size(height, width)
+        views = self.check_views(views, class_labels, prompt, balance, correlation, height, width)
+        device = self._execution_device
+        # one condition per view, view-major: view 0's images, then view 1's, ...
+        cond, uncond, _ = self.encode_condition(class_labels, prompt, negative_prompt, None, None, num_images_per_prompt,
+                                                device)
         rule = make_guidance(guidance, guidance_scale, guidance_rescale, **(guidance_kwargs or {}))
         if rule is None:
             uncond = None
-
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        for name, side in (("height", height), ("width", width)):
-            if not (isinstance(side, int) and not isinstance(side, bool) and side > 0 and side % multiple == 0):
-                raise ValueError(f"{name} must be a positive multiple of {multiple} for this model, got {side!r}")
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        if not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or inf")
+        latents = self.prepare_latents(num_images_per_prompt, height, width, generator, latents, device)
 
         denoiser = AnagramDenoiser(
             Denoiser.from_pipeline_components(self.unet, self.scheduler), views, rectify=rectify,
@@ -133,13 +108,34 @@ class AnagramPipeline(GuidedPipeline):
         )
         timesteps = make_timesteps(denoiser.schedule, solver, num_inference_steps, self.scheduler.config)
         opts = {"eta": eta} if solver == "ddim" else {}
+        self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_inference_steps, False
         with self.progress_bar(total=num_inference_steps) as bar:
-            latents = spec.fn(
-                denoiser, latents.to(device), timesteps, cond=cond, uncond=uncond, guidance=rule,
-                generator=generator, callback=self._step_callback(bar, callback_on_step_end), **opts,
+            callback = self.step_callback(bar, callback_on_step_end, rule, cond, uncond, callback_on_step_end_tensor_inputs)
+            latents = get_solver(solver).fn(
+                denoiser, latents, timesteps, cond=cond, uncond=uncond, guidance=rule, generator=generator,
+                callback=callback, **opts,
             )
 
-        images = self._decode(latents, output_type)
-        view_images = [self._decode(view.apply(latents), output_type) for view in views]
+        images = self.decode(latents, output_type)
+        view_images = [self.decode(view.apply(latents), output_type) for view in views]
         self.maybe_free_model_hooks()
         return AnagramPipelineOutput(images=images, view_images=view_images) if return_dict else (images, view_images)
+
+    def check_views(self, views, class_labels, prompt, balance, correlation, height=None, width=None) -> list[View]:
+        """The views as ``View`` objects, one per class label or prompt, each noise-preserving on this model's
+        latents of the given size; balancing needs the digits classifier's world (class labels, pixel space)."""
+        if not (isinstance(views, (list, tuple)) and len(views) >= 1):
+            raise ValueError(f"views must be a non-empty list of views, got {views!r}")
+        views = [make_view(v) for v in views]
+        given, what = (class_labels, "class_labels") if class_labels is not None else (prompt, "prompt")
+        if isinstance(given, (str, int)) or torch.is_tensor(given) and given.ndim == 0 or len(given) != len(views):
+            raise ValueError(f"{what} must give one entry per view ({len(views)} views), got {given!r}")
+        if correlation not in CORRELATIONS:
+            raise ValueError(f"correlation must be one of {CORRELATIONS}, got {correlation!r}")
+        if balance and (class_labels is None or self.vae is not None):
+            raise ValueError("balance=True scores each view with the digits classifier: it needs class_labels and a "
+                             "pixel-space model")
+        height, width = self.check_size(height, width)
+        for view in views:
+            check_view(view, self.latent_shape(1, height, width)[1:])
+        return views
