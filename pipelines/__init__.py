@@ -7,6 +7,7 @@ from .guided import GuidedPipeline, GuidedPipelineOutput
 from .loading import load_pipeline
 from .modality_blend import ModalityBlendPipeline
 from .inverse import InverseProblemPipeline, RedDiffPipeline
+from .upscale import UpscalePipeline, UpscalePipelineOutput
 
 
 # _class_name in model_index.json -> class, for load_pipeline
@@ -14,5 +15,6 @@ PIPELINES = {"GuidedPipeline": GuidedPipeline, "AdjointDPMPipeline": AdjointDPMP
              "RedDiffPipeline": RedDiffPipeline,
              "ForwardModelPipeline": ForwardModelPipeline, "ModalityBlendPipeline": ModalityBlendPipeline}
 PIPELINES["AnagramPipeline"] = AnagramPipeline
+PIPELINES["UpscalePipeline"] = UpscalePipeline
 
 __all__ = ["AdjointDPMPipeline", "ForwardModelPipeline", "ForwardModelPipelineOutput", "GuidedPipeline", "GuidedPipelineOutput", "InverseProblemPipeline", "ModalityBlendPipeline", "PIPELINES", "RedDiffPipeline", "load_pipeline"]

@@ -43,7 +43,7 @@ METHODS = {  # name -> AnagramDenoiser options ("balance": the classifier alignm
 }
 OFFICIAL_RHO = "+ NVR (official rho)"  # rho_ij = mean(eps_i eps_j)
 VIEW_SETS = {"rot90": ["identity", "rot90"], "vflip": ["identity", "vflip"]}
-SCALES = (2.0, 4.0, 8.0)
+SCALES = (4.0, 8.0, 12.0, 16.0)
 TEST_SEEDS, VALIDATION_SEED = (0, 1, 2), 100
 
 
