@@ -42,9 +42,10 @@ ARMS = {"ResShift": False, "UPSR": True}  # name -> uncertainty-weighted noise
 
 
 def budget(args) -> dict:
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
     if args.quick:
-        return {"g_steps": 30, "steps": 30, "batch": 16, "width": 8, "seeds": [0], "test": 32, "ref_steps": 10}
-    return {"g_steps": args.g_steps, "steps": args.steps, "batch": args.batch, "width": args.width, "seeds": [0, 1, 2],
+        return {"g_steps": 30, "steps": 30, "batch": 16, "width": 8, "seeds": seeds, "test": 32, "ref_steps": 10}
+    return {"g_steps": args.g_steps, "steps": args.steps, "batch": args.batch, "width": args.width, "seeds": seeds,
             "test": 500, "ref_steps": 250}
 
 
@@ -105,6 +106,7 @@ def main():
     parser.add_argument("--g-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=24, help="UNet width (block channels width, 2 width)")
+    parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2; quick: 0)")
     parser.add_argument("--models", default=None, help="folder to save (or reuse) the trained networks")
     parser.add_argument("--save-pipeline", default=None, help="write seed 0's UPSR as an UpscalePipeline folder")
     parser.add_argument("--out", default="assets")
