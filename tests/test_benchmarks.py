@@ -1,5 +1,6 @@
 """Every benchmark's --quick mode runs end to end, prints its table and writes its files."""
 
+import math
 import os
 import subprocess
 import sys
@@ -126,3 +127,14 @@ def test_bench_anagram_quick(tmp_path):
         assert max_abs[views, "+ NVR (official rho)"] > 100
     assert (tmp_path / "bench_anagram_quick.md").stat().st_size > 0
     assert (tmp_path / "bench_anagram_quick.png").stat().st_size > 0
+
+
+def test_bench_upsr_quick(tmp_path):
+    stdout = _run("bench_upsr.py", tmp_path)
+    rows = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in _table_rows(stdout) if r.count("|") == 8}
+    assert list(rows) == ["bicubic", "g alone", "ResShift", "UPSR", "RED-Diff", "DPS"]
+    for cells in rows.values():
+        assert all(math.isfinite(float(c.split("+-")[0].rstrip("% "))) for c in cells)
+    differences = [r for r in _table_rows(stdout) if r.startswith("| PSNR") or r.startswith("| SSIM")]
+    assert len(differences) == 4  # PSNR, SSIM, PSNR low-u, PSNR high-u
+    assert (tmp_path / "bench_upsr_quick.md").stat().st_size > 0 and (tmp_path / "bench_upsr_quick.png").stat().st_size > 0
