@@ -1,0 +1,13 @@
+"""Harness tasks: what a card's ``task`` names. Each task is one ``Task`` entry in its own module here, holding the
+metrics a card of it may list, the check of one method's resolved setting and the runner of one method for one
+seed; ``TASKS`` lists them. A new task is a new module with its ``TASK`` and its line below."""
+
+from . import classify, condense, denoise, function_1d, grow, inr
+from .base import Task, build, build_data, component_spec
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    classify.TASK, function_1d.TASK, inr.TASK, denoise.TASK, grow.TASK, condense.TASK,
+)}
+
+__all__ = ["TASKS", "Task", "build", "build_data", "component_spec"]
