@@ -118,7 +118,8 @@ def check_view(view: View, shape: tuple[int, ...], atol: float = 1e-10) -> None:
     problems = []
     if not torch.allclose(pab, pa + 2 * pb, atol=atol):
         problems.append("it is not linear")
-    if not (torch.allclose((pa * pb).sum(), (a * b).sum(), atol=atol) and torch.allclose(pa.square().sum(), a.square().sum(), atol=atol)):
+    same_products = torch.allclose((pa * pb).sum(), (a * b).sum(), atol=atol)
+    if not (same_products and torch.allclose(pa.square().sum(), a.square().sum(), atol=atol)):
         problems.append("it does not preserve inner products (not orthogonal, so it changes the noise's covariance)")
     if not torch.allclose(back, a, atol=atol):
         problems.append("its inverse does not undo it")

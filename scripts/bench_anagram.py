@@ -10,16 +10,16 @@ noise-aware CLIP), so its rows are scored by the network that steers them: read 
 The guidance scale is tuned per method on a validation seed (seed 100; every third pair, 30, under both view sets)
 by the mean min-view probability, then every method runs at its own choice on the test seeds. The official
 correlation estimate mean(eps_i eps_j) ("+ NVR (official rho)") runs at + NVR's scale on test seed 0 only, as a
-reference row. The pair 6 / 9 under rot180 (a 6 turned is a 9 anyway) is reported apart. DPM-Solver++(2M), 30 steps (the official step count). Writes assets/bench_anagram.md and .png.
+reference row. The pair 6 / 9 under rot180 (a 6 turned is a 9 anyway) is reported apart. DPM-Solver++(2M), 30
+steps (the official step count). Writes assets/bench_anagram.md and .png.
 
-    python scripts/bench_anagram.py            # ~1 h on one thread
+    python scripts/bench_anagram.py            # ~1 h on an idle thread (4 h on the shared machine)
     python scripts/bench_anagram.py --quick    # 6 pairs, one seed, 8 steps, no tuning
 """
 
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 from scipy.stats import t as student_t
@@ -30,7 +30,8 @@ from diffkit.classifier import load_classifier
 from diffkit.data import colored_digits
 from diffkit.guidance import CFG
 from diffkit.harness.report import mean_std, paired_interval
-from diffkit.images import image_grid, save_figure_atomic, to_pil, write_text_atomic
+from diffkit.bench import write_results
+from diffkit.images import image_grid, to_pil
 from diffkit.metrics import fd
 from diffkit.solvers import make_timesteps, sample_dpmpp_2m
 from diffkit.views import make_view
@@ -194,13 +195,7 @@ def main():
         lines.append(f"| {method} | " + " | ".join(f"{torch.cat([s[k] for s in scores]).mean():.3f}"
                                                    for k in ("both", "min_p", "gap")) + " |")
 
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out / f"bench_anagram{suffix}.md", table)
-    save_figure_atomic(figure(examples), out / f"bench_anagram{suffix}.png")
+    write_results(args.out, "bench_anagram", args.quick, "\n".join(lines) + "\n", figure(examples))
 
 
 def figure(examples: dict):

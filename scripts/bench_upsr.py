@@ -30,7 +30,8 @@ from scipy.stats import t as student_t
 
 from diffkit.data import colored_digits, colorize, gray_digits
 from diffkit.harness.report import mean_std, paired_interval
-from diffkit.images import image_grid, save_figure_atomic, to_pil, write_text_atomic
+from diffkit.bench import write_results
+from diffkit.images import image_grid, to_pil, write_text_atomic
 from diffkit.inverse import dps, make_operator, red_diff
 from diffkit.metrics import class_accuracy, fd, psnr, ssim
 from diffkit.resshift import (ResShiftDenoiser, ResShiftSchedule, ResShiftScheduler, SRNet, bicubic_upsample, resshift_unet,
@@ -239,13 +240,7 @@ def main():
     lines += ["", "Training minutes per seed: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items())
               + "; reference rows s / image: " + ", ".join(f"{k} {v:.3f}" for k, v in reference_seconds.items()) + "."]
 
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out / f"bench_upsr{suffix}.md", table)
-    save_figure_atomic(figure(x_cpu, outputs, weights[0]), out / f"bench_upsr{suffix}.png")
+    write_results(args.out, "bench_upsr", args.quick, "\n".join(lines) + "\n", figure(x_cpu, outputs, weights[0]))
 
 
 def figure(x, outputs, weight):

@@ -217,7 +217,8 @@ def test_call_returns_the_combined_prediction(default):
     alpha, sigma = denoiser.schedule.alpha(t).item(), denoiser.schedule.sigma(t).item()
     with torch.no_grad():
         v = views(x, t, cond)
-        x0_a = diffkit.convert(denoiser(x, t, {"class_labels": torch.tensor([3])}), "v_prediction", "sample", x, alpha, sigma)
+        v_a = denoiser(x, t, {"class_labels": torch.tensor([3])})
+        x0_a = diffkit.convert(v_a, "v_prediction", "sample", x, alpha, sigma)
         flip = make_view("hflip")
         x0_b = flip.inverse(diffkit.convert(denoiser(flip.apply(x), t, {"class_labels": torch.tensor([5])}),
                                             "v_prediction", "sample", flip.apply(x), alpha, sigma))

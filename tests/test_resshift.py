@@ -36,7 +36,8 @@ def test_exponential_schedule_is_the_official_one():
     reference = _official_sqrt_etas(5, 0.2, 0.99, 2.5, 0.2)
     assert np.allclose(schedule.sqrt_etas.numpy(), reference, rtol=1e-12)
     assert schedule.kappa == 2.5 and schedule.num_steps == 5
-    assert math.isclose(schedule.sqrt_etas[0].item(), math.sqrt(0.001)) and math.isclose(schedule.sqrt_etas[-1].item(), 0.99)
+    assert math.isclose(schedule.sqrt_etas[0].item(), math.sqrt(0.001))
+    assert math.isclose(schedule.sqrt_etas[-1].item(), 0.99)
     # ResShift's own floor min_noise_level / kappa wins when it is the smallest
     assert np.allclose(ResShiftSchedule.exponential(15, kappa=2.0, min_noise_level=0.04).sqrt_etas.numpy(),
                        _official_sqrt_etas(15, 0.04, 0.99, 2.0, 0.2), rtol=1e-12)

@@ -339,8 +339,9 @@ def _score_dvi(y, denoise, components, lam, noise_rule, alpha0, beta0, lr, itera
         d = omg_net(y).clamp(LOG_MIN, LOG_MAX).exp().reshape(n, K, c, h, w)
         digamma_diff = torch.digamma(d) - torch.digamma(d.sum(1, keepdim=True))
         kl_pi = (pi * ((pi + 1e-8).log() - digamma_diff)).sum(1).flatten(1).mean(1)  # Eq. 15
-        kl_dirichlet = ((torch.lgamma(d.sum(1)) - torch.lgamma(d).sum(1)) - (torch.lgamma(d0.sum(1)) - torch.lgamma(d0).sum(1))
-                        ).flatten(1).mean(1) + ((d - d0) * digamma_diff).sum(1).flatten(1).mean(1)  # Eq. 16
+        log_norm = torch.lgamma(d.sum(1)) - torch.lgamma(d).sum(1)  # Eq. 16
+        log_norm0 = torch.lgamma(d0.sum(1)) - torch.lgamma(d0).sum(1)
+        kl_dirichlet = (log_norm - log_norm0).flatten(1).mean(1) + ((d - d0) * digamma_diff).sum(1).flatten(1).mean(1)
         log_alpha, log_beta = phi_net(y).clamp(LOG_MIN, LOG_MAX).reshape(n, K, 2 * c, h, w).split(c, dim=2)
         alpha, beta = log_alpha.exp(), log_beta.exp()
         kl_gamma = (((alpha - alpha0) * torch.digamma(alpha) + math.lgamma(alpha0) - torch.lgamma(alpha)
