@@ -18,7 +18,8 @@ class Task:
     - ``run(config, card, seed, accelerator, progress)``: the metrics dict; an optional ``"curves"`` entry holds
       per-step curves that ride along in the record;
     - ``optimizer``: whether its methods name an optimizer (checked against the registry before ``check``);
-    - ``budget``: budget keys of this task beyond the cards' common ones (``cards.BUDGET_DEFAULTS``), with defaults.
+    - ``budget``: budget keys of this task beyond the cards' common ones (``cards.BUDGET_DEFAULTS``), with defaults;
+    - ``algorithms``: the ALGORITHMS entries only this task can run (a classify card naming one is refused).
     """
 
     name: str
@@ -27,6 +28,7 @@ class Task:
     run: Callable[..., dict]
     optimizer: bool = True
     budget: dict = field(default_factory=dict)
+    algorithms: tuple[str, ...] = ()
 
     def allowed_metrics(self, card: dict, source: str) -> tuple[str, ...]:
         return self.metrics(card, source) if callable(self.metrics) else self.metrics
@@ -39,6 +41,13 @@ def component_spec(value, where: str) -> tuple[str, dict]:
     if isinstance(value, dict) and isinstance(value.get("name"), str):
         return value["name"], {k: v for k, v in value.items() if k != "name"}
     raise ValueError(f"{where} must be a name or a table with a 'name', got {value!r}")
+
+
+def refuse_sections(config: dict, where: str, sections: tuple[str, ...], why: str) -> None:
+    """Refuse card sections a task does not use (nothing a card says is silently ignored)."""
+    for section in sections:
+        if section in config:
+            raise ValueError(f"{where}: this task takes no {section} section ({why})")
 
 
 def build(registry, spec, *context):

@@ -18,7 +18,7 @@ from .grow import GROWTH_ALGORITHMS
 METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "signal_mass", "estimating_error",
            "gradient_stability", "noisy_train_fit", "steps_to_target", "examples_to_target", "reached_target",
            "final_batch_size", "zero_weight_fraction", "level_flips_first_epoch", "level_flips_last_epoch",
-           "cga_frozen_fraction")
+           "cga_frozen_fraction", "clean_train_fit")
 MODEL_LAYER_KEYS = ("norm", "binary", "linear", "reparam")  # model parameters that name a LAYERS entry
 
 
@@ -34,6 +34,11 @@ def check(config: dict, where: str) -> None:
     ALGORITHMS.check(name, params)
     if name in GROWTH_ALGORITHMS:
         raise ValueError(f"{where}.algorithm {name!r} grows a network: it needs task 'grow', not 'classify'")
+    from . import TASKS  # the registry of tasks imports this module
+
+    owner = next((task.name for task in TASKS.values() if name in task.algorithms), None)
+    if owner is not None:
+        raise ValueError(f"{where}.algorithm {name!r} runs only in task {owner!r}, not in 'classify'")
 
 
 def build_model(config: dict, data, epochs: int):
@@ -59,14 +64,17 @@ def build_model(config: dict, data, epochs: int):
 
 
 @torch.no_grad()
-def _noisy_train_fit(model, data, accelerator) -> float:
-    """Share of the relabelled training samples whose (wrong) noisy label the model predicts: memorisation."""
-    flipped = data.y_train != data.train_extra["y_clean"]
+def _train_fit(model, data, accelerator, flipped: bool) -> float:
+    """Share of the relabelled training samples whose (wrong) noisy label the model predicts (memorisation), or with
+    ``flipped=False`` of the other training samples whose (correct) label it predicts."""
+    chosen = (data.y_train != data.train_extra["y_clean"]) == flipped
     device = accelerator.device
-    return accuracy(model, data.x_train[flipped].to(device), data.y_train[flipped].to(device), accelerator)
+    return accuracy(model, data.x_train[chosen].to(device), data.y_train[chosen].to(device), accelerator)
 
 
-def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress: bool) -> dict:
+def fit(config: dict, seed: int, accelerator: Accelerator, progress: bool, extra_hooks=None):
+    """Train and evaluate one method's classifier; ``extra_hooks(data)`` adds hooks that need the built data (another
+    task's measurements). Returns the metrics, the data and the trained (bare, eval-mode) model."""
     budget = config["budget"]
     data = build_data(config, seed)
     torch.manual_seed(seed)  # the same initial weights for every method of this seed
@@ -79,6 +87,8 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
         hooks.append(algorithm)
     if budget["target_accuracy"] is not None:
         hooks.append(StepsToTarget(data.x_test, data.y_test, budget["target_accuracy"], budget["eval_steps"]))
+    if extra_hooks is not None:
+        hooks += extra_hooks(data)
     state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=budget["epochs"],
                   batch_size=budget["batch_size"], seed=seed, algorithm=algorithm, hooks=hooks,
                   eval_every=budget["eval_every"], accelerator=accelerator, progress=progress)
@@ -95,9 +105,14 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
         tensors = (data.x_test.to(device), data.y_test.to(device), data.test_extra["signal_mask"].to(device))
         metrics["signal_mass"] = gather_rows(mass, len(data.y_test), accelerator, *tensors).nanmean().item()
     if "y_clean" in data.train_extra:
-        metrics["noisy_train_fit"] = _noisy_train_fit(net, data, accelerator)
+        metrics["noisy_train_fit"] = _train_fit(net, data, accelerator, flipped=True)
+        metrics["clean_train_fit"] = _train_fit(net, data, accelerator, flipped=False)
     accelerator.free_memory()
-    return metrics
+    return metrics, data, net
+
+
+def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress: bool) -> dict:
+    return fit(config, seed, accelerator, progress)[0]
 
 
 TASK = Task("classify", METRICS, check, run)

@@ -72,4 +72,4 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     return metrics
 
 
-TASK = Task("condense", METRICS, check, run, optimizer=False)
+TASK = Task("condense", METRICS, check, run, optimizer=False, algorithms=CONDENSATION_ALGORITHMS)

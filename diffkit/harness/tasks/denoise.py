@@ -59,4 +59,4 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     return {"psnr": psnr, "psnr_noisy": noisy, "psnr_gain": psnr - noisy, "curves": {"psnr_per_image": per_image.tolist()}}
 
 
-TASK = Task("denoise", METRICS, check, run)
+TASK = Task("denoise", METRICS, check, run, algorithms=("noise2score", "supervised_denoiser"))

@@ -72,4 +72,4 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     return metrics
 
 
-TASK = Task("grow", METRICS, check, run)
+TASK = Task("grow", METRICS, check, run, algorithms=GROWTH_ALGORITHMS)
