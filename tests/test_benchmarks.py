@@ -1,5 +1,6 @@
 """Every benchmark's --quick mode runs end to end, prints its table and writes its files."""
 
+import math
 import os
 import subprocess
 import sys
@@ -112,6 +113,31 @@ def test_bench_blend_quick(tmp_path):
             assert value > psnr["none"] + 2, (name, psnr)
     for name in ("bench_blend_quick.md", "bench_blend_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_anagram_quick(tmp_path):
+    stdout = _run("bench_anagram.py", tmp_path)
+    rows = [r.split("|") for r in _table_rows(stdout) if r.count("|") == 11 and not r.startswith("| views")]
+    assert len(rows) == 2 * 4  # two view sets x (Geng, + NVR, + NVB + NVR, official rho)
+    max_abs = {(r[1].strip(), r[2].strip()): float(r[9]) for r in rows}
+    for views in ("rot90", "vflip"):
+        for method in ("Geng mean", "+ NVR", "+ NVB + NVR"):
+            assert max_abs[views, method] < 2  # samples stay in the data range
+        # the official rho = mean(eps_i eps_j) divides a c != 1 residual by alpha = 5e-5 at the first step
+        assert max_abs[views, "+ NVR (official rho)"] > 100
+    assert (tmp_path / "bench_anagram_quick.md").stat().st_size > 0
+    assert (tmp_path / "bench_anagram_quick.png").stat().st_size > 0
+
+
+def test_bench_upsr_quick(tmp_path):
+    stdout = _run("bench_upsr.py", tmp_path)
+    rows = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in _table_rows(stdout) if r.count("|") == 8}
+    assert list(rows) == ["bicubic", "g alone", "ResShift", "UPSR", "RED-Diff", "DPS"]
+    for cells in rows.values():
+        assert all(math.isfinite(float(c.split("+-")[0].rstrip("% "))) for c in cells)
+    differences = [r for r in _table_rows(stdout) if r.startswith("| PSNR") or r.startswith("| SSIM")]
+    assert len(differences) == 4  # PSNR, SSIM, PSNR low-u, PSNR high-u
+    assert (tmp_path / "bench_upsr_quick.md").stat().st_size > 0 and (tmp_path / "bench_upsr_quick.png").stat().st_size > 0
 
 
 def test_bench_realmodels_quick(tmp_path):

@@ -10,10 +10,12 @@ import sys
 
 from .. import __version__
 from . import common, complete, env, generate, harness, quantize, restore
+from . import anagram, upscale
 from .common import Parser, UsageError
 
 
 COMMANDS = (generate, restore, complete, quantize, harness, env)  # each: add_parser(sub) setting args.run
+COMMANDS += (anagram, upscale)
 
 
 def build_parser() -> Parser:
