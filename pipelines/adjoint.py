@@ -11,7 +11,8 @@ from diffkit.adjoint import RhoODE, adjoint_timesteps
 from diffkit.denoiser import Denoiser
 from diffkit.guidance import make_guidance
 
-from .guided import GuidedPipeline, GuidedPipelineOutput
+from .base import GuidedPipelineOutput, check_finite, check_output_type, check_solver_options
+from .guided import GuidedPipeline
 
 
 class AdjointDPMPipeline(GuidedPipeline):
@@ -32,6 +33,8 @@ class AdjointDPMPipeline(GuidedPipeline):
         negative_prompt=None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 3.0,
         guidance="cfg",
@@ -51,6 +54,7 @@ class AdjointDPMPipeline(GuidedPipeline):
                 that require grad receive gradients.
             class_embeds (`torch.Tensor`, *optional*): continuous class embeddings (B, D) replacing the label
                 lookup of a class-conditional UNet; they receive gradients when they require grad.
+            height, width (`int`, *optional*): the image size (default: the model's own).
             latents (`torch.Tensor`, *optional*): the initial noise x_T; receives gradients if it requires grad.
             params (iterable of parameters): network parameters to differentiate (e.g. a LoRA or one layer).
             gradient_backend (`str`, defaults to "adjoint"): "adjoint", "torchdiffeq", "checkpoint" or "autograd".
@@ -58,33 +62,33 @@ class AdjointDPMPipeline(GuidedPipeline):
                 DDIM (the paper's Euler in rho).
             output_type (`str`, defaults to "pt"): "pt" and "latent" keep the graph; "np" and "pil" detach.
         """
-        self.check_inputs(class_labels, prompt, prompt_embeds, num_inference_steps, output_type, None)
+        self.check_conditioning(class_labels, prompt, prompt_embeds)
+        check_solver_options("dpmpp_2m", num_inference_steps, 0.0)
+        check_finite("guidance_scale", guidance_scale)
+        check_output_type(output_type)
+        if solver_order not in (1, 2):
+            raise ValueError(f"solver_order must be 1 (DDIM) or 2 (DPM-Solver++(2M)), got {solver_order!r}")
         device = self._execution_device
-        if class_labels is not None:
-            cond, uncond = self._class_conditioning(class_labels, 1, device)
-            batch = len(cond["class_labels"])
-            if class_embeds is not None:
-                if class_embeds.shape[0] != batch:
-                    raise ValueError(f"class_embeds must have one row per label ({batch}), got {tuple(class_embeds.shape)}")
-                cond["class_embeds"] = class_embeds
-                uncond["class_embeds"] = self.unet.class_embedding(uncond["class_labels"]).detach()
-        else:
-            cond, uncond = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, 1, device)
-            batch = len(cond["encoder_hidden_states"])
+        height, width = self.check_size(height, width)
+        cond, uncond, batch = self.encode_condition(class_labels, prompt, negative_prompt, prompt_embeds,
+                                                    negative_prompt_embeds, 1, device)
+        if class_embeds is not None:
+            if class_labels is None:
+                raise ValueError("class_embeds replace the label lookup of a class-conditional model: pass class_labels too")
+            if class_embeds.ndim != 2 or class_embeds.shape[0] != batch:
+                raise ValueError(f"class_embeds must have one row per label ({batch}), got {tuple(class_embeds.shape)}")
+            if not torch.isfinite(class_embeds).all():
+                raise ValueError("class_embeds contain NaN or inf")
+            cond["class_embeds"] = class_embeds
+            uncond["class_embeds"] = self.unet.class_embedding(uncond["class_labels"]).detach()
         rule = make_guidance(guidance, guidance_scale, **(guidance_kwargs or {}))
-        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator).to(device, self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = self.prepare_latents(batch, height, width, generator, latents, device)
 
         denoiser = Denoiser.from_pipeline_components(self.unet, self.scheduler)
         timesteps = adjoint_timesteps(denoiser, num_inference_steps)
         ode = RhoODE(denoiser, timesteps, cond, uncond if rule else None, rule, order=solver_order)
         x0 = ode.sample(latents, params, gradient_backend)
-        if output_type in ("np", "pil"):
-            x0 = x0.detach()
-        images = self._decode(x0, output_type)
+        images = self.decode(x0, output_type)
         return GuidedPipelineOutput(images=images) if return_dict else (images,)
 
     def optimize(self, loss_fn, variables, iterations: int = 20, lr: float = 0.05, **call_kwargs) -> list[float]:

@@ -13,7 +13,6 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffkit.blend import MODES, Modality, adapter_features, complete, load_adapters
@@ -21,7 +20,8 @@ from diffkit.denoiser import Denoiser
 from diffkit.guidance import make_guidance
 from diffkit.solvers import get_solver, make_timesteps
 
-from .guided import OUTPUT_TYPES, GuidedPipeline, GuidedPipelineOutput
+from .base import GuidedPipelineOutput, check_finite, check_output_type, check_solver_options
+from .guided import GuidedPipeline
 
 ADAPTERS_FOLDER = "adapters"  # beside the diffusers components in a saved pipeline
 
@@ -44,6 +44,8 @@ def _as_batch(value, name: str, channels: int, shape: tuple[int, int], batch: in
         raise ValueError(f"{name} holds {value.shape[0]} images for a batch of {batch}")
     if not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or inf")
+    if not binary and (value.min() < -1 - 1e-3 or value.max() > 1 + 1e-3):
+        raise ValueError(f"{name} must hold values in [-1, 1] (images), got [{value.min():.3g}, {value.max():.3g}]")
     if binary and not torch.all((value == 0) | (value == 1)):
         raise ValueError(f"{name} must hold only 0 (keep) and 1 (fill)")
     value = value.float().to(device)
@@ -141,10 +143,9 @@ class ModalityBlendPipeline(GuidedPipeline):
             raise ValueError("ModalityBlendPipeline needs a pixel-space UNet; latent models need an inpainting UNet")
         if blend not in MODES:
             raise ValueError(f"blend must be one of {MODES}, got {blend!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_solver_options(solver, num_inference_steps, eta)
+        check_output_type(output_type)
+        check_finite("guidance_scale", guidance_scale)
         control_images = dict(control_images or {})
         unknown = sorted(set(control_images) - set(self.adapters))
         if unknown:
@@ -154,11 +155,14 @@ class ModalityBlendPipeline(GuidedPipeline):
         extra = sorted(set(scales) - set(control_images))
         if extra:
             raise ValueError(f"adapter_conditioning_scale names {extra}, which have no control image")
+        for name, scale in scales.items():
+            check_finite(f"adapter_conditioning_scale[{name!r}]", scale)
         blend_steps = round(0.6 * num_inference_steps) if blend_steps is None else blend_steps
+        if not (isinstance(blend_steps, int) and not isinstance(blend_steps, bool) and 0 <= blend_steps <= num_inference_steps):
+            raise ValueError(f"blend_steps must be in [0, {num_inference_steps}] (an integer), got {blend_steps!r}")
 
         device = self._execution_device
-        size = self.unet.config.sample_size
-        shape = (size, size) if isinstance(size, int) else tuple(size)
+        shape = self.default_size()
         channels = self.unet.config.in_channels
         known = _as_batch(image, "image", channels, shape, None, device)
         batch = known.shape[0]
@@ -169,37 +173,30 @@ class ModalityBlendPipeline(GuidedPipeline):
             feats = adapter_features(self.adapters[name].to(device), control)
             modalities.append(Modality(feats, float(scales.get(name, 1.0))))
 
-        if self.num_classes is not None:
-            labels = self.num_classes if class_labels is None else class_labels
-            labels = torch.as_tensor([labels] if isinstance(labels, int) else labels).flatten().long().to(device)
-            if labels.numel() == 1:
-                labels = labels.expand(batch)
-            if len(labels) != batch or labels.min() < 0 or labels.max() > self.num_classes:
-                raise ValueError(f"class_labels must give one label in [0, {self.num_classes}] per image ({self.num_classes} is the null class), got {class_labels}")
-            cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, self.num_classes)}
-        else:
+        if self.num_classes is None:
             raise ValueError("ModalityBlendPipeline supports class-conditional UNets (such as the default model)")
+        labels = self.num_classes if class_labels is None else class_labels  # default: the null class, unconditional
+        cond, uncond, n = self.encode_condition(class_labels=labels, device=device, null_class_labels=True)
+        if n == 1 and batch > 1:
+            cond, uncond = ({"class_labels": c["class_labels"].expand(batch)} for c in (cond, uncond))
+        elif n != batch:
+            raise ValueError(f"class_labels must give one label per image ({batch}), got {class_labels}")
         rule = make_guidance(guidance, guidance_scale)
         if rule is None:
             uncond = None
-
-        noise_shape = (batch, channels, *shape)
-        if latents is None:
-            latents = randn_tensor(noise_shape, generator=generator, device=device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != noise_shape:
-            raise ValueError(f"latents must have shape {noise_shape}, got {tuple(latents.shape)}")
+        latents = self.prepare_latents(batch, *shape, generator, latents, device)
 
         denoiser = Denoiser.from_pipeline_components(self.unet, self.scheduler)
         timesteps = make_timesteps(denoiser.schedule, solver, num_inference_steps, self.scheduler.config)
         opts = {"eta": eta} if solver == "ddim" else {}
         with self.progress_bar(total=num_inference_steps) as bar:
             result = complete(
-                denoiser, get_solver(solver).fn, latents.to(device), timesteps, known, mask, modalities, mode=blend,
+                denoiser, get_solver(solver).fn, latents, timesteps, known, mask, modalities, mode=blend,
                 blend_steps=blend_steps, blend_iterations=blend_iterations, step_scale=blend_step_scale,
                 max_step_size=blend_max_step_size, layers=blend_layers, cond=cond, uncond=uncond, guidance=rule,
-                generator=generator, callback=self._step_callback(bar, callback_on_step_end), **opts,
+                generator=generator, callback=self.step_callback(bar, callback_on_step_end, rule, cond, uncond), **opts,
             )
         self.blend_losses = result.blend_losses  # (P, Q) diagnostics of the last call
-        images = self._decode(result.sample, output_type)
+        images = self.decode(result.sample, output_type)
         self.maybe_free_model_hooks()
         return GuidedPipelineOutput(images=images) if return_dict else (images,)

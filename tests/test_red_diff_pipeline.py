@@ -1,4 +1,4 @@
-"""RedDiffPipeline and `diffkit restore` on the embedded default model: restorations beat the measurement's
+"""InverseProblemPipeline (RedDiffPipeline, its old name) and `diffkit restore` on the embedded default model: restorations beat the measurement's
 pseudo-inverse, the pipeline round-trips, bad input is refused with the shapes named."""
 
 import json
@@ -13,7 +13,7 @@ from diffkit.cli import main
 from diffkit.data import colored_digits
 from diffkit.inverse import make_operator, red_diff
 from diffkit.metrics import psnr
-from diffkit.pipelines import RedDiffPipeline
+from diffkit.pipelines import InverseProblemPipeline, RedDiffPipeline
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,14 @@ def test_cli_restore_writes_a_png_with_its_parameters(digits, tmp_path, capsys):
 
 
 def test_latent_model_fits_the_measurement_through_the_decoder(digits):
-    """A latent model (UNet + VAE): RED-Diff's mu is a latent and the data term is taken on the decoded image,
-    so with the prior switched off (lam = 0) the decoded restoration fits y better than the encoded start (by
-    13% here: the tiny random decoder cannot draw digits, so the fit levels off near 0.65)."""
+    """A latent model (UNet + VAE), called as a user calls it (no no_grad, every output type): the forward model is
+    A after the VAE's decoder, so RED-Diff's mu is a latent and, with the prior switched off (lam = 0), the decoded
+    restoration fits y better than the encoded start (by 13% here: the tiny random decoder cannot draw digits, so
+    the fit levels off near 0.65). DPS and PiGDM (the encoder as the decoder's pseudo-inverse) run on it too."""
     from diffusers import DDIMScheduler
     from helpers import tiny_text_components
 
-    pipe = RedDiffPipeline(scheduler=DDIMScheduler(), **tiny_text_components())
+    pipe = InverseProblemPipeline(scheduler=DDIMScheduler(), **tiny_text_components())
     pipe.set_progress_bar_config(disable=True)
     op = make_operator("sr:2", sigma_y=0.0)
     y = op.forward(digits)
@@ -106,11 +107,16 @@ def test_latent_model_fits_the_measurement_through_the_decoder(digits):
         return (op.forward(images) - y).pow(2).mean().item()
 
     vae = pipe.vae
-    with torch.no_grad():
-        start = vae.decode(vae.encode(op.pinv(y)).latent_dist.mean, return_dict=False)[0]
-        fitted = pipe(y, op, num_inference_steps=60, method_kwargs={"lam": 0.0, "lr": 0.2},
-                      generator=torch.Generator().manual_seed(0), output_type="pt").images
-    assert fitted.shape == digits.shape
+    start = vae.decode(vae.encode(op.pinv(y)).latent_dist.mean, return_dict=False)[0].detach()
+    kw = dict(num_inference_steps=60, method_kwargs={"lam": 0.0, "lr": 0.2})
+    fitted = pipe(y, op, **kw, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert fitted.shape == digits.shape and not fitted.requires_grad
     assert residual(fitted * 2 - 1) < 0.92 * residual(start)
-    with pytest.raises(ValueError, match="pixel model"):
-        pipe(y, op, method="pigdm", num_inference_steps=2)
+    as_np = pipe(y, op, **kw, generator=torch.Generator().manual_seed(0), output_type="np").images
+    as_pil = pipe(y, op, **kw, generator=torch.Generator().manual_seed(0), output_type="pil").images
+    assert np.allclose(as_np, fitted.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    assert np.abs(np.asarray(as_pil[0]) / 255 - as_np[0]).max() <= 1 / 255
+    for method in ("dps", "pigdm"):
+        images = pipe(y, op, method=method, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                      output_type="pil").images
+        assert len(images) == len(digits) and images[0].size == (16, 16)

@@ -6,10 +6,7 @@ from pathlib import Path
 import torch
 from diffusers import T2IAdapter
 
-from ..hub import ASSETS
-
-
-DEFAULT_ADAPTERS = ASSETS / "modalities"
+from ..assets import MODALITY_ADAPTERS as DEFAULT_ADAPTERS
 
 
 def adapter_for(unet, in_channels: int = 3, num_res_blocks: int = 2) -> T2IAdapter:
@@ -31,7 +28,7 @@ def load_adapters(folder: str | Path | None = None, names: list[str] | None = No
     missing = sorted(set(names) - set(found))
     if missing:
         raise ValueError(f"no adapter for {missing} in {folder}; found {found}")
-    return {name: T2IAdapter.from_pretrained(folder / name).eval() for name in names}
+    return {name: T2IAdapter.from_pretrained(folder / name, use_safetensors=True).eval() for name in names}
 
 
 @torch.no_grad()

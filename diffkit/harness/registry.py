@@ -38,6 +38,10 @@ class Entry:
     citation: str = ""
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class Registry:
     """Named constructors of one kind; ``build(name, *context, **params)`` = constructor(*context, **defaults|params)."""
 
@@ -62,6 +66,10 @@ class Registry:
         if unknown:
             allowed = ", ".join(sorted(entry.defaults)) or "none"
             raise ValueError(f"{self.kind} {name!r} has no parameter {unknown[0]!r}; allowed: {allowed}")
+        for key, value in params.items():  # a number where the default is a number ("lr": "abc" is a typo)
+            default = entry.defaults[key]
+            if _is_number(default) and not _is_number(value):
+                raise ValueError(f"{self.kind} {name!r}: parameter {key!r} must be a number, got {value!r}")
         return {**entry.defaults, **params}
 
     def build(self, name: str, *context, **params):

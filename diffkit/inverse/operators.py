@@ -246,6 +246,7 @@ class SuperResolution(Operator):
 
     def forward(self, x):
         # a reshape-mean rather than F.avg_pool2d, whose float64 CPU backward is ~100x slower
+        self.output_shape(x.shape)  # the size must divide by the factor
         f = self.factor
         return x.unflatten(-1, (x.shape[-1] // f, f)).unflatten(-3, (x.shape[-2] // f, f)).mean((-3, -1))
 
@@ -279,6 +280,7 @@ class BicubicDownsampling(SuperResolution):
         self.cg_iters, self.cg_tol = cg_iters, cg_tol
 
     def forward(self, x):
+        self.output_shape(x.shape)  # the size must divide by the factor
         size = (x.shape[-2] // self.factor, x.shape[-1] // self.factor)
         return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
 
