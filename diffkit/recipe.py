@@ -393,13 +393,25 @@ def sample(model, scheduler, *, labels: torch.Tensor | None = None, num_images: 
     if type(scheduler).__name__ in FLOW_SCHEDULERS:
         x = _sample_flow(model, x, scheduler.config, num_inference_steps, cond, uncond, guidance_scale)
     else:
-        denoiser = Denoiser(model, NoiseSchedule.from_config(scheduler.config), scheduler.config.get("prediction_type", "epsilon"))
+        network = _PerSampleTimesteps(model)
+        denoiser = Denoiser(network, NoiseSchedule.from_config(scheduler.config), scheduler.config.get("prediction_type", "epsilon"))
         timesteps = make_timesteps(denoiser.schedule, "dpmpp_2m", num_inference_steps, scheduler.config)
         x = sample_dpmpp_2m(denoiser, x, timesteps, cond=cond, uncond=uncond, guidance=guidance)
     if vae is not None:
         shift = vae.config.shift_factor or 0.0
         x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype), return_dict=False)[0]
     return x.float().clamp(-1, 1)
+
+
+class _PerSampleTimesteps(torch.nn.Module):
+    """The solvers pass one timestep for the batch; a DiT (unlike a UNet) wants one per sample."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, **kwargs):
+        return self.model(x, t.reshape(-1).expand(len(x)) if t.numel() == 1 else t, **kwargs)
 
 
 def _sample_flow(model, x, config, steps, cond, uncond, guidance_scale):
