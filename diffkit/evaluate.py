@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .classifier import load_classifier
+from .distributed import gather_rows, process_share
 from .folders import ImageSet, read_images, scan_folder, to_model_space, to_uint8
 
 
@@ -119,34 +120,13 @@ def _takes_no_arguments(fn) -> bool:
         return False
 
 
-def _my_share(n: int, state) -> slice:
-    """This process's contiguous share of n items (as accelerate's ``split_between_processes`` cuts them)."""
-    per, extra = divmod(n, state.num_processes)
-    start = state.process_index * per + min(state.process_index, extra)
-    return slice(start, start + per + (state.process_index < extra))
-
-
-def _gather_rows(local: torch.Tensor, state) -> torch.Tensor:
-    """Every process's rows, in process order (each process may hold a different number of rows)."""
-    if state.num_processes == 1:
-        return local
-    from accelerate.utils import gather
-
-    device = state.device
-    counts = gather(torch.tensor([len(local)], device=device)).tolist()
-    padded = torch.zeros(max(counts), *local.shape[1:], dtype=local.dtype, device=device)
-    padded[: len(local)] = local.to(device)
-    rows = gather(padded).cpu().split(max(counts))
-    return torch.cat([r[:c] for r, c in zip(rows, counts)])
-
-
 def _merge_stats(stats: metrics.FeatureStats, state) -> metrics.FeatureStats:
     """The FeatureStats of all processes' rows, merged in process order."""
     if state.num_processes == 1:
         return stats
-    count = _gather_rows(torch.tensor([[float(stats.count)]], dtype=torch.float64), state)
-    mean = _gather_rows(stats.mean[None], state)
-    scatter = _gather_rows(stats.scatter[None], state)
+    count = gather_rows(torch.tensor([[float(stats.count)]], dtype=torch.float64), state)
+    mean = gather_rows(stats.mean[None], state)
+    scatter = gather_rows(stats.scatter[None], state)
     merged = metrics.FeatureStats(len(stats.mean))
     for c, m, s in zip(count[:, 0].tolist(), mean, scatter):
         other = metrics.FeatureStats(len(stats.mean))
@@ -172,7 +152,7 @@ class _Batches:
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.set)
 
-    def batches(self, rows: slice, batch_size: int):
+    def batches(self, rows: range, batch_size: int):
         for start in range(rows.start, rows.stop, batch_size):
             stop = min(start + batch_size, rows.stop)
             images = self.images[start:stop] if self.images is not None else read_images(self.set.paths[start:stop])
@@ -187,7 +167,7 @@ def _scan(source: _Batches, features: Callable, classifier, keep_features: bool,
     (if kept) and (correct, total) class counts."""
     stats, kept = None, []
     correct = total = 0
-    rows = _my_share(len(source), state)
+    rows = process_share(len(source), state)
     bar = tqdm(total=rows.stop - rows.start, desc=f"features ({source.what})", disable=not (progress and state.is_main_process))
     for images, labels in source.batches(rows, batch_size):
         feats = features(images.to(device)).float().cpu()
@@ -207,10 +187,10 @@ def _scan(source: _Batches, features: Callable, classifier, keep_features: bool,
         bar.update(len(images))
     bar.close()
     # a process may have no rows (more processes than images): the feature size comes from the others
-    dim = int(_gather_rows(torch.tensor([[len(stats.mean) if stats else 0]]), state).max())
+    dim = int(gather_rows(torch.tensor([[len(stats.mean) if stats else 0]]), state).max())
     stats = _merge_stats(stats or metrics.FeatureStats(dim), state)
-    counts = _gather_rows(torch.tensor([[correct, total]], dtype=torch.float64), state).sum(0).tolist()
-    gathered = _gather_rows(torch.cat(kept) if kept else torch.zeros(0, dim), state) if keep_features else None
+    counts = gather_rows(torch.tensor([[correct, total]], dtype=torch.float64), state).sum(0).tolist()
+    gathered = gather_rows(torch.cat(kept) if kept else torch.zeros(0, dim), state) if keep_features else None
     return stats, gathered, counts
 
 

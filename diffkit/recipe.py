@@ -19,7 +19,6 @@ import inspect
 import json
 import math
 import shutil
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -475,28 +474,24 @@ def _refuse_foreign_folder(run_dir: Path, overwrite: bool) -> None:
 
 
 def save_trained(out: Path, model, scheduler, vae=None) -> None:
-    """The trained model as a diffusers folder, written beside ``out`` and renamed into place. A UNet2DModel becomes
-    a GuidedPipeline folder (``diffkit generate --model out``); a DiT its ``transformer``, ``scheduler`` and ``vae``
-    sub-folders (diffusers' component layout; sample it with ``diffkit.recipe.sample``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """The trained model as a diffusers folder, written beside ``out`` and renamed into place (with diffkit's file
+    manifest, so ``--overwrite`` of other commands knows it as diffkit's). A UNet2DModel becomes a GuidedPipeline
+    folder (``diffkit generate --model out``); a DiT its ``transformer``, ``scheduler`` and ``vae`` sub-folders
+    (diffusers' component layout; sample it with ``diffkit.recipe.sample``)."""
+    from .outputs import write_folder_atomic
+
+    def write(folder: Path) -> None:
         if type(model).__name__ == "UNet2DModel":
             from .pipelines import GuidedPipeline
 
-            GuidedPipeline(unet=model, scheduler=scheduler, vae=vae).save_pretrained(staging)
+            GuidedPipeline(unet=model, scheduler=scheduler, vae=vae).save_pretrained(folder)
         else:
-            model.save_pretrained(staging / "transformer")
-            scheduler.save_pretrained(staging / "scheduler")
+            model.save_pretrained(folder / "transformer")
+            scheduler.save_pretrained(folder / "scheduler")
             if vae is not None:
-                vae.save_pretrained(staging / "vae")
-        staging.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                vae.save_pretrained(folder / "vae")
+
+    write_folder_atomic(out, write, "train")
 
 
 def train(recipe: dict | str | Path, out: str | Path, *, resume: bool = True, overwrite: bool = False,

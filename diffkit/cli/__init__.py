@@ -9,11 +9,11 @@ import os
 import sys
 
 from .. import __version__
-from . import common, complete, env, generate, harness, quantize, restore
+from . import common, complete, env, eval, generate, harness, quantize, restore, train
 from .common import Parser, UsageError
 
 
-COMMANDS = (generate, restore, complete, quantize, harness, env)  # each: add_parser(sub) setting args.run
+COMMANDS = (generate, eval, train, restore, complete, quantize, harness, env)  # each: add_parser(sub) setting args.run
 
 
 def build_parser() -> Parser:
