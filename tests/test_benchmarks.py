@@ -112,3 +112,15 @@ def test_bench_blend_quick(tmp_path):
             assert value > psnr["none"] + 2, (name, psnr)
     for name in ("bench_blend_quick.md", "bench_blend_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_scale_quick(tmp_path):
+    stdout = _run("bench_scale.py", tmp_path)
+    rows = [r for r in stdout.splitlines() if r.startswith("| ") and not r.startswith(("| n |", "| N |", "| processes"))]
+    assert len(rows) == 1 + 2 + 1 + 2  # imports, two n, one precision / recall size, training on 1 and 2 processes
+    assert rows[3].rstrip().endswith("| yes |")  # the blocked k-NN gives the N x N result
+    cells = [float(c) for c in rows[2].strip("| ").split("|")[7:10]]  # FD, precision, recall of generated digits
+    assert cells[0] > 0 and 0 <= cells[1] <= 1 and 0 <= cells[2] <= 1
+    assert [r.split("|")[1].strip() for r in rows[4:]] == ["1", "2"]
+    for name in ("bench_scale_quick.md", "bench_scale_quick.png"):
+        assert (tmp_path / name).stat().st_size > 0
