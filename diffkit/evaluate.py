@@ -67,8 +67,9 @@ def inception_features(weights_path: str | None = None) -> torch.nn.Module:
     from a weights file on disk."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError:
-        raise ImportError("features 'inception' needs torch-fidelity (pip install torch-fidelity)") from None
+    except ImportError as err:
+        raise ImportError(f"features 'inception' needs torch-fidelity and its dependencies (pip install torch-fidelity): "
+                          f"{err}") from None
     weights = _inception_weights(weights_path)
     network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
 

@@ -67,9 +67,13 @@ def scan_folder(folder: str | Path) -> ImageSet:
         latest = {}  # a resumed run may record a file twice; its last record holds
         for record in read_manifest(folder / MANIFEST):
             latest[record["file"]] = record
-        records = [r for r in latest.values() if (folder / r["file"]).is_file()]
+        records = list(latest.values())
+        missing = [r["file"] for r in records if not (folder / r["file"]).is_file()]
+        if missing:
+            raise ValueError(f"{folder / MANIFEST} lists {len(missing)} images that are missing, e.g. {missing[0]} (a "
+                             "run that was stopped? finish it with diffkit generate --resume)")
         if not records:
-            raise ValueError(f"{folder / MANIFEST} names no image that exists")
+            raise ValueError(f"{folder / MANIFEST} lists no images")
         labels = [r.get("label") for r in records]
         return ImageSet([folder / r["file"] for r in records],
                         labels if all(isinstance(v, int) for v in labels) else None)

@@ -80,6 +80,9 @@ def test_manifest_lists_the_set_last_record_wins_and_a_torn_line_is_ignored(tmp_
         f.write(json.dumps({"file": "00001.png", "label": 5}) + "\n" + '{"file": "000')
     found = scan_folder(tmp_path)
     assert [p.name for p in found.paths] == ["00000.png", "00001.png", "00002.png"] and found.labels == [1, 5, 3]
+    (tmp_path / "00002.png").unlink()
+    with pytest.raises(ValueError, match="lists 1 images that are missing, e.g. 00002.png"):
+        scan_folder(tmp_path)
     (tmp_path / "manifest.jsonl").write_text('{"file": "a.png"}\nnot json\n{"file": "b.png"}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_manifest(tmp_path / "manifest.jsonl")
@@ -170,7 +173,7 @@ def test_inception_is_never_downloaded(tmp_path, monkeypatch):
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="needs torch-fidelity"):
+        with pytest.raises(ImportError, match="needs torch-fidelity"):  # and never reaches for the network
             feature_extractor("inception")
         return
     with pytest.raises(FileNotFoundError, match="never downloads"):
