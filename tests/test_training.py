@@ -350,3 +350,15 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
         assert not _same(_weights(tmp_path / "bf16"), _weights(tmp_path / "fp32"))
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_the_readme_recipe_is_valid(tmp_path):
+    """The TOML recipe in the README's Training section loads and builds (documentation that cannot drift)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Training"):]
+    block = section[section.index("```toml\n") + 8:]
+    (tmp_path / "readme.toml").write_text(block[: block.index("```")])
+    recipe = load_recipe(tmp_path / "readme.toml")
+    from diffkit.recipe import build_model
+
+    assert type(build_model(recipe)).__name__ == "DiTTransformer2DModel" and recipe["training"]["mixed_precision"] == "bf16"
