@@ -33,12 +33,15 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_writable_parent(path: Path, option: str) -> None:
-    """The nearest existing folder above ``path`` must be a folder we can create files in."""
-    parent = _nearest_existing(path.parent if path.parent != path else path)
-    if not parent.is_dir():
-        raise OutputError(f"{option} {str(path)!r}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {str(path)!r}: cannot write in {parent} (permission denied or read-only)")
+    """``path`` can be created: the nearest existing folder above it is a folder we can create files in."""
+    _check_can_write_in(_nearest_existing(path.parent if path.parent != path else path), path, option)
+
+
+def _check_can_write_in(folder: Path, path: Path, option: str) -> None:
+    if not folder.is_dir():
+        raise OutputError(f"{option} {str(path)!r}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {str(path)!r}: cannot write in {folder} (permission denied or read-only)")
 
 
 def written_by_diffkit_png(path: Path) -> bool:
@@ -87,7 +90,7 @@ def check_output_folder(out: str, option: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         raise OutputError(f"{option} {out!r} is a file, not a folder")
     if path.is_dir():
-        check_writable_parent(path / "x", option)
+        _check_can_write_in(path, path, option)
     else:
         check_writable_parent(path, option)
     return path

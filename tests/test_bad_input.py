@@ -274,3 +274,20 @@ def test_blending_refuses_nan_strength_and_out_of_range_images(default_pipes):
         default_pipes["blend"](torch.full_like(digits, 1e30), mask)
     with pytest.raises(ValueError, match=r"control_images\['edges'\] must hold values"):
         default_pipes["blend"](digits, mask, control_images={"edges": controls["edges"] * 1e30})
+
+
+def test_read_only_output_is_refused_before_any_work(models, sandbox, capsys, monkeypatch):
+    """A folder the user cannot write in is found before the model loads, and the message names it, not a temp file
+    (os.access is what decides; patched here because the tests may run as root)."""
+    import os
+
+    from diffkit.outputs import os as outputs_os
+
+    locked = sandbox / "notes"
+    real_access = os.access
+    monkeypatch.setattr(outputs_os, "access", lambda path, mode: False if Path(path).resolve() == locked else real_access(path, mode))
+    loads = []
+    monkeypatch.setattr("diffkit.cli.common.load_model", lambda *a, **k: loads.append(1))
+    argv = [a.replace(M, str(models / "tiny")) for a in GEN] + ["--out", "notes"]
+    err = _run_refused(argv, sandbox, capsys, "cannot write in")
+    assert "--out 'notes': cannot write in notes" in err and ".tmp" not in err and not loads
