@@ -85,8 +85,9 @@ def _section(recipe: dict, name: str, defaults: dict, source: str) -> dict:
 def _named_section(recipe: dict, name: str, key: str, table: dict, default: str | None, source: str) -> dict:
     """A section chosen by one of its keys (``data.source``, ``conditioning.type``), each choice with its defaults."""
     value = recipe.get(name, {key: default} if default else None)
-    if not isinstance(value, dict) or value.get(key) not in table:
-        raise ValueError(f"{source}: {name}.{key} must be one of {', '.join(table)}, got {getattr(value, 'get', lambda _: value)(key)!r}")
+    chosen = value.get(key) if isinstance(value, dict) else value
+    if not isinstance(value, dict) or chosen not in table:
+        raise ValueError(f"{source}: {name}.{key} must be one of {', '.join(table)}, got {chosen!r}")
     return {key: value[key], **_section({name: {k: v for k, v in value.items() if k != key}}, name, table[value[key]], source)}
 
 
