@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from diffkit.images import save_figure_atomic, write_text_atomic
+from diffkit.bench import markdown_table, write_results
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,9 +124,7 @@ def main():
     pr_sizes = [400] if args.quick else [1000, 5000, 10000, 20000]
     steps = 2 if args.quick else args.steps
     train_steps, train_batch, log_every = (6, 8, 2) if args.quick else (40, 64, 5)
-    suffix = "_quick" if args.quick else ""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_scale."))
     load_before = os.getloadavg()[0]
     try:
@@ -152,39 +150,34 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()[0]
 
-    lines = [
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average {load_before:.1f} at the start, "
-        f"{load_after:.1f} at the end): the speeds are this machine's under that load, the memory is not affected.",
-        "",
-        f"Generate + eval on the default model ({steps} DPM-Solver++(2M) steps, no guidance, batches of 250; eval "
-        "against the 500 held-out digits with FD, precision / recall (k = 3) and class accuracy). One thread per "
-        "process; peak = peak resident memory of the whole process.",
-        "",
-        "| n | generate s | generate img/s | generate peak MB | eval s | eval img/s | eval peak MB | FD | precision | recall | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| import only | | | {baseline['peak_mb']:.0f} | | | | | | | |",
-    ]
+    note = (f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average {load_before:.1f} at the start, "
+            f"{load_after:.1f} at the end): the speeds are this machine's under that load, the memory is not affected.\n\n"
+            f"Generate + eval on the default model ({steps} DPM-Solver++(2M) steps, no guidance, batches of 250; eval "
+            "against the 500 held-out digits with FD, precision / recall (k = 3) and class accuracy). One thread per "
+            "process; peak = peak resident memory of the whole process.")
+    rows = [["import only", "", "", f"{baseline['peak_mb']:.0f}", "", "", "", "", "", "", ""]]
     for row in scale:
         g, e, s = row["gen"], row["eval"], row["scores"]
-        lines.append(f"| {row['n']:,} | {g['seconds']:.1f} | {row['n'] / g['seconds']:.1f} | {g['peak_mb']:.0f} | "
-                     f"{e['seconds']:.1f} | {row['n'] / e['seconds']:.1f} | {e['peak_mb']:.0f} | {s['fd']:.2f} | "
-                     f"{s['precision']:.3f} | {s['recall']:.3f} | {s['class_accuracy']:.1%} |")
-    lines += ["", "Precision / recall on N real and N fake 128-dim features (k = 3): memory above the process's own "
-              "once the features exist.", "",
-              "| N | k-NN s | k-NN extra MB | N x N s | N x N extra MB | same result |", "|---|---|---|---|---|---|"]
+        rows.append([f"{row['n']:,}", f"{g['seconds']:.1f}", f"{row['n'] / g['seconds']:.1f}", f"{g['peak_mb']:.0f}",
+                     f"{e['seconds']:.1f}", f"{row['n'] / e['seconds']:.1f}", f"{e['peak_mb']:.0f}", f"{s['fd']:.2f}",
+                     f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['class_accuracy']:.1%}"])
+    table = markdown_table(["n", "generate s", "generate img/s", "generate peak MB", "eval s", "eval img/s", "eval peak MB",
+                            "FD", "precision", "recall", "accuracy"], rows, note)
+    rows = []
     for row in pr:
         k, d = row["knn"], row["dense"]
-        dense = (f"{d['seconds']:.1f} | {d['extra_mb']:.0f}" if "error" not in d else f"failed ({d['error'][:60]}) |")
-        same = ("yes" if "error" not in d and (k["precision"], k["recall"]) == (d["precision"], d["recall"])
-                else "n/a" if "error" in d else "NO")
-        lines.append(f"| {row['n']:,} | {k['seconds']:.1f} | {k['extra_mb']:.0f} | {dense} | {same} |")
-    lines += ["", f"Training the default model's recipe ({train_steps} steps, batch {train_batch} per process, one "
-              "thread per process, CPU):", "", "| processes | global batch | steps/s | images/s |", "|---|---|---|---|"]
-    for row in training:
-        lines.append(f"| {row['processes']} | {row['batch']} | {row['steps_per_s']:.2f} | {row['images_per_s']:.1f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    write_text_atomic(out / f"bench_scale{suffix}.md", table)
+        dense = [f"{d['seconds']:.1f}", f"{d['extra_mb']:.0f}"] if "error" not in d else [f"failed ({d['error'][:60]})", ""]
+        same = ("n/a" if "error" in d else "yes" if (k["precision"], k["recall"]) == (d["precision"], d["recall"])
+                else "NO")
+        rows.append([f"{row['n']:,}", f"{k['seconds']:.1f}", f"{k['extra_mb']:.0f}", *dense, same])
+    table += "\n" + markdown_table(["N", "k-NN s", "k-NN extra MB", "N x N s", "N x N extra MB", "same result"], rows,
+                                   "Precision / recall on N real and N fake 128-dim features (k = 3): memory above the "
+                                   "process's own once the features exist.")
+    rows = [[str(row["processes"]), str(row["batch"]), f"{row['steps_per_s']:.2f}", f"{row['images_per_s']:.1f}"]
+            for row in training]
+    table += "\n" + markdown_table(["processes", "global batch", "steps/s", "images/s"], rows,
+                                   f"Training the default model's recipe ({train_steps} steps, batch {train_batch} per "
+                                   "process, one thread per process, CPU):")
 
     import matplotlib
 
@@ -209,7 +202,7 @@ def main():
     axes[2].bar([str(row["processes"]) for row in training], [row["images_per_s"] for row in training])
     axes[2].set(xlabel="processes", ylabel="training images / s", title="default recipe, CPU, 1 thread each")
     fig.tight_layout()
-    save_figure_atomic(fig, out / f"bench_scale{suffix}.png")
+    write_results(out, "bench_scale", args.quick, table, fig)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +116,7 @@ def test_bench_blend_quick(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+@pytest.mark.slow  # a dozen subprocesses and a 2-process launch: 5.5 minutes on the shared 2 cores
 def test_bench_scale_quick(tmp_path):
     stdout = _run("bench_scale.py", tmp_path)
     rows = [r for r in stdout.splitlines() if r.startswith("| ") and not r.startswith(("| n |", "| N |", "| processes"))]
