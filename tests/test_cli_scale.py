@@ -76,6 +76,7 @@ def test_resume_after_a_kill_writes_only_the_missing_and_incomplete_images(model
     for name in ("label1-seed000007.png", "label4-seed000008.png", "grid.png", "manifest.jsonl"):
         (killed / name).unlink()
     (killed / ".label1-seed000007.png.x1y2.tmp").write_bytes(b"\x89PNG half")  # save_png_atomic's temporary
+    (killed / ".manifest.jsonl.a1b2.tmp").write_text('{"file": "label1-seed')
     cut = killed / "label4-seed000004.png"
     cut.write_bytes(cut.read_bytes()[:-40])  # the pixel data cut short: the file is incomplete
     kept = killed / "label1-seed000003.png"
@@ -191,6 +192,7 @@ def test_prompts_files_text_and_jsonl(model_dir, text_model_dir, tmp_path, capsy
     ('{"label": 12}\n', "p.jsonl", [], "line 1: label 12 is out of range"),
     ('{"prompt": "a"}\n', "p.jsonl", [], "has prompts but this model is class-conditional"),
     ('{"label": 1}\n', "p.jsonl", ["-n", "3"], "leave -n out"),
+    ('{"label": 1, "seed": 4}\n{"label": 2}\n{"label": 1, "seed": 4}\n', "p.jsonl", [], "lines 1 and 3 both make"),
     ("\n\n", "p.txt", [], "holds no prompts"),
 ])
 def test_bad_prompts_files_are_one_line_and_write_nothing(model_dir, tmp_path, capsys, content, name, extra, needle):

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..guidance import GUIDANCES, make_guidance
 from ..distributed import process_share
 from ..folders import MANIFEST, read_manifest
+from ..guidance import GUIDANCES, make_guidance
 from ..images import image_grid, save_png_atomic
 from ..outputs import check_output_files, check_output_folder, output_folder
 from ..solvers import SOLVERS
@@ -96,6 +96,14 @@ def _check_args(args) -> None:
     elif args.lines is not None and _is_jsonl(args.prompts_file):
         raise UsageError("--num-images: a .jsonl --prompts-file has one image a line; leave -n out")
     common.check_seed_range(args.seed, args.num_images)
+    if args.lines is not None and _is_jsonl(args.prompts_file):  # two lines must not make one file
+        made = {}
+        for i, entry in enumerate(args.lines):
+            name = _job(args, i)["file"]
+            if name in made:
+                raise UsageError(f"--prompts-file {args.prompts_file}: lines {made[name]} and {entry['line']} both make "
+                                 f"{name} (the same label and seed)")
+            made[name] = entry["line"]
     if args.guidance != "none":
         make_guidance(args.guidance, args.guidance_scale, args.guidance_rescale, **_guidance_kwargs(args))
 
@@ -319,11 +327,12 @@ class _Size:
         self.width, self.height = width, height
 
 
-def _remove_temporaries(out: Path, jobs) -> None:
-    """The temporary files a killed run left beside its images (``save_png_atomic`` writes ``.NAME.*.tmp``)."""
+def _remove_temporaries(out: Path) -> None:
+    """The temporary files a killed run left beside its images, grid and manifest (each is written as
+    ``.NAME.<random>.tmp`` and renamed into place; only a killed process leaves one behind)."""
     for path in out.glob(".*.tmp"):
         name = path.name[1:].rsplit(".", 2)[0]
-        if name.endswith(".png"):
+        if name.endswith(".png") or name == MANIFEST:
             path.unlink(missing_ok=True)
 
 
@@ -391,7 +400,7 @@ def run(args) -> None:
 
     with output_folder(out):
         if args.resume and state.is_main_process:
-            _remove_temporaries(out, jobs)
+            _remove_temporaries(out)
         mine = [todo[i] for i in process_share(len(todo), state)] if args.resume else process_share(len(todo), state)
         with tqdm(total=len(mine), desc="images", disable=args.no_progress or not state.is_main_process) as bar:
             for start in range(0, len(mine), args.batch_size):
