@@ -339,8 +339,9 @@ def fit(
             torch.manual_seed(torch_seed)  # dropout and any other global draw of this micro-batch
             generator = torch.Generator().manual_seed(data_seed)
             last = micro == gradient_accumulation_steps - 1
-            with nullcontext() if last else accelerator.no_sync(prepared), accelerator.autocast():
-                loss = loss_fn(prepared, result.step, generator)
+            with nullcontext() if last else accelerator.no_sync(prepared):  # DDP averages on the last one only
+                with accelerator.autocast():  # the forward in mixed precision; the backward outside, as torch advises
+                    loss = loss_fn(prepared, result.step, generator)
                 if loss.ndim != 0 or not torch.isfinite(loss):
                     raise ValueError(f"loss_fn must return a finite scalar, got {loss.detach().flatten()[:4].tolist()} "
                                      f"at step {result.step}")
