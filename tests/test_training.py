@@ -362,3 +362,23 @@ def test_the_readme_recipe_is_valid(tmp_path):
     from diffkit.recipe import build_model
 
     assert type(build_model(recipe)).__name__ == "DiTTransformer2DModel" and recipe["training"]["mixed_precision"] == "bf16"
+
+
+def test_a_checkpoint_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while a checkpoint is written (disk full, a kill) leaves no step folder and no staging folder."""
+    import diffkit.training as training
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    real = training.save_file
+
+    def failing(tensors, path):
+        if str(path).endswith("optimizer.safetensors"):
+            raise OSError("No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(training, "save_file", failing)
+    with pytest.raises(OSError, match="No space"):
+        training.save_training_state(tmp_path / "step-0000001", model=model, optimizer=optimizer, lr_scheduler=None,
+                                     ema=None, scaler=None, step=1, log=[], fingerprint=None)
+    assert list(tmp_path.iterdir()) == [] and latest_checkpoint(tmp_path) is None
