@@ -476,21 +476,23 @@ def _refuse_foreign_folder(run_dir: Path, overwrite: bool) -> None:
 
 def save_trained(out: Path, model, scheduler, vae=None) -> None:
     """The trained model as a diffusers folder, written beside ``out`` and renamed into place (with diffkit's file
-    manifest, so ``--overwrite`` of other commands knows it as diffkit's). A UNet2DModel becomes a GuidedPipeline
-    folder (``diffkit generate --model out``); a DiT its ``transformer``, ``scheduler`` and ``vae`` sub-folders
-    (diffusers' component layout; sample it with ``diffkit.recipe.sample``)."""
+    manifest, so ``--overwrite`` of other commands knows it as diffkit's). A VP UNet2DModel becomes a GuidedPipeline
+    folder (``diffkit generate --model out``); other models their components in diffusers' sub-folders (``unet`` or
+    ``transformer``, ``scheduler``, ``vae``), sampled by ``diffkit.recipe.sample`` (GuidedPipeline runs VP UNets)."""
     from .outputs import write_folder_atomic
 
+    unet = type(model).__name__ == "UNet2DModel"
+
     def write(folder: Path) -> None:
-        if type(model).__name__ == "UNet2DModel":
+        if unet and type(scheduler).__name__ not in FLOW_SCHEDULERS:
             from .pipelines import GuidedPipeline
 
             GuidedPipeline(unet=model, scheduler=scheduler, vae=vae).save_pretrained(folder)
-        else:
-            model.save_pretrained(folder / "transformer")
-            scheduler.save_pretrained(folder / "scheduler")
-            if vae is not None:
-                vae.save_pretrained(folder / "vae")
+            return
+        model.save_pretrained(folder / ("unet" if unet else "transformer"))
+        scheduler.save_pretrained(folder / "scheduler")
+        if vae is not None:
+            vae.save_pretrained(folder / "vae")
 
     write_folder_atomic(out, write, "train")
 
