@@ -45,10 +45,15 @@ class DigitsFeatures(torch.nn.Module):
         self.classifier = copy.deepcopy(classifier if classifier is not None else load_classifier())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_model_space(images)
-        if x.shape[-2:] != (16, 16):
-            x = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
-        return self.classifier.features(x)
+        return self.classifier.features(digits_input(images))
+
+
+def digits_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as the digits classifier sees them: [-1, 1], resized to 16x16 (bilinear, antialiased)."""
+    x = to_model_space(images)
+    if x.shape[-2:] != (16, 16):
+        x = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    return x
 
 
 def _inception_weights(path: str | None) -> Path:
@@ -180,10 +185,7 @@ def _scan(source: _Batches, features: Callable, classifier, keep_features: bool,
         if keep_features:
             kept.append(feats)
         if classifier is not None and labels is not None:
-            x = to_model_space(images.to(device))
-            if x.shape[-2:] != (16, 16):
-                x = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
-            correct += (classifier(x).argmax(1).cpu() == labels).sum().item()
+            correct += (classifier(digits_input(images.to(device))).argmax(1).cpu() == labels).sum().item()
             total += len(labels)
         bar.update(len(images))
     bar.close()
