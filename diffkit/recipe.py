@@ -29,7 +29,6 @@ from .folders import read_images, scan_folder, to_model_space
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 REQUIRED = ("name", "model", "scheduler", "data", "training")
 OPTIONAL = ("description", "conditioning", "vae", "optimizer", "lr_schedule", "sampling")
 DATA_DEFAULTS = {
@@ -43,7 +42,8 @@ LR_SCHEDULE_DEFAULTS = {"name": "constant", "warmup_steps": 0}
 TRAINING_DEFAULTS = {"steps": None, "batch_size": None, "gradient_accumulation_steps": 1, "max_grad_norm": 1.0,
                      "mixed_precision": None, "ema_decay": 0.999, "seed": 0, "checkpoint_every": 500,
                      "keep_checkpoints": 2, "log_every": 50, "timestep_sampling": "uniform"}
-SAMPLING_DEFAULTS = {"every": 0, "num_images": 16, "num_inference_steps": 25, "guidance_scale": 3.0, "seed": 0}
+SAMPLING_DEFAULTS = {"every": 0, "num_images": 16, "num_inference_steps": 25, "guidance_scale": 3.0, "seed": 0,
+                     "solver": None}
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
 # what may change between a run and its resume: where and how often it writes, not what it computes
 NOT_FINGERPRINTED = {"training": ("checkpoint_every", "keep_checkpoints", "log_every"), "sampling": None,
@@ -206,12 +206,22 @@ def validate_recipe(recipe: dict, source: str = "recipe") -> dict:
         _check_number(sampling[key], f"{source}: sampling.{key}", int, 1)
     _check_number(sampling["guidance_scale"], f"{source}: sampling.guidance_scale", (int, float), 0)
     _check_agreement(out, source)
+    if sampling["every"]:  # the grids' walk: the scheduler's own (if diffkit reproduces it) or sampling.solver
+        from .solvers import solver_for
+
+        try:
+            solver_for(build_scheduler(out), sampling["num_inference_steps"], solver=sampling["solver"])
+        except ValueError as err:
+            raise ValueError(f"{source}: sampling: {err} (sampling.solver names one of diffkit's solvers)") from None
     return out
 
 
 def is_flow(recipe: dict) -> bool:
-    """Whether the recipe trains a flow-matching model (a FlowMatch scheduler) rather than a VP one."""
-    return recipe["scheduler"]["class"] in FLOW_SCHEDULERS
+    """Whether the recipe trains a flow-matching model (a FlowMatch scheduler, or flow sigmas) rather than a VP one."""
+    from .schedule import is_flow_config
+
+    scheduler = recipe["scheduler"]
+    return is_flow_config({**{k: v for k, v in scheduler.items() if k != "class"}, "_class_name": scheduler["class"]})
 
 
 def _check_agreement(recipe: dict, source: str) -> None:
@@ -369,15 +379,16 @@ def lr_lambda(recipe: dict):
 @torch.no_grad()
 def sample(model, scheduler, *, labels: torch.Tensor | None = None, num_images: int | None = None,
            num_inference_steps: int = 25, guidance_scale: float = 3.0, generator: torch.Generator | None = None,
-           vae=None, null_label: int | None = None) -> torch.Tensor:
-    """Images in [-1, 1] from a trained backbone (UNet2DModel or DiT) and its scheduler, through diffkit's solvers:
-    DPM-Solver++(2M) for a VP model, Euler on the velocity for flow matching. With ``labels`` and ``null_label``,
-    classifier-free guidance at ``guidance_scale``; a DiT without classes gets its null label throughout."""
+           vae=None, null_label: int | None = None, solver: str | None = None) -> torch.Tensor:
+    """Images in [-1, 1] from a trained backbone (UNet2DModel or DiT) and its scheduler, on diffkit's solvers: the
+    walk that reproduces the scheduler (``diffkit.solvers.solver_for``; DPM-Solver++(2M) for the default model, Euler
+    on the flow grid for FlowMatchEulerDiscreteScheduler), or ``solver`` on the scheduler's grid. With ``labels`` and
+    ``null_label``, classifier-free guidance at ``guidance_scale``; a DiT without classes gets its null label."""
     from .denoiser import Denoiser
     from .guidance import make_guidance
-    from .schedule import NoiseSchedule
-    from .solvers import make_timesteps, sample_dpmpp_2m
+    from .solvers import solver_for
 
+    setup = solver_for(scheduler, num_inference_steps, solver=solver)
     device = next(model.parameters()).device
     n = len(labels) if labels is not None else num_images
     size = model.config.sample_size
@@ -390,13 +401,9 @@ def sample(model, scheduler, *, labels: torch.Tensor | None = None, num_images: 
     elif type(model).__name__ == "DiTTransformer2DModel":
         cond = {"class_labels": torch.zeros(n, dtype=torch.long, device=device)}
     guidance = make_guidance("cfg", guidance_scale) if uncond is not None else None
-    if type(scheduler).__name__ in FLOW_SCHEDULERS:
-        x = _sample_flow(model, x, scheduler.config, num_inference_steps, cond, uncond, guidance_scale)
-    else:
-        network = _PerSampleTimesteps(model)
-        denoiser = Denoiser(network, NoiseSchedule.from_config(scheduler.config), scheduler.config.get("prediction_type", "epsilon"))
-        timesteps = make_timesteps(denoiser.schedule, "dpmpp_2m", num_inference_steps, scheduler.config)
-        x = sample_dpmpp_2m(denoiser, x, timesteps, cond=cond, uncond=uncond, guidance=guidance)
+    denoiser = Denoiser.from_pipeline_components(_PerSampleTimesteps(model), scheduler)
+    x = setup.fn(denoiser, setup.grid.init_noise_scale * x, setup.grid, cond=cond, uncond=uncond, guidance=guidance,
+                 **setup.options)
     if vae is not None:
         shift = vae.config.shift_factor or 0.0
         x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype), return_dict=False)[0]
@@ -412,26 +419,6 @@ class _PerSampleTimesteps(torch.nn.Module):
 
     def forward(self, x, t, **kwargs):
         return self.model(x, t.reshape(-1).expand(len(x)) if t.numel() == 1 else t, **kwargs)
-
-
-def _sample_flow(model, x, config, steps, cond, uncond, guidance_scale):
-    """Euler steps of dx/dsigma = v from sigma = 1 to 0 on diffusers' FlowMatch grid (linear in sigma, then
-    ``shift``), classifier-free guidance on the velocity. (Until the flow path of diffkit's solvers lands on main.)"""
-    n_train, shift = config.get("num_train_timesteps", 1000), config.get("shift", 1.0)
-    sigmas = torch.linspace(1.0, 1.0 / n_train, steps, dtype=torch.float64)
-    sigmas = torch.cat([shift * sigmas / (1 + (shift - 1) * sigmas), torch.zeros(1, dtype=torch.float64)])
-
-    def velocity(x, sigma, c):
-        t = torch.full((len(x),), sigma * n_train, device=x.device)
-        return model(x, t, **(c or {}), return_dict=False)[0]
-
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        v = velocity(x, sigma, cond)
-        if uncond is not None:
-            v_uncond = velocity(x, sigma, uncond)
-            v = v_uncond + guidance_scale * (v - v_uncond)
-        x = x + (sigma_next - sigma) * v
-    return x
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -476,20 +463,18 @@ def _refuse_foreign_folder(run_dir: Path, overwrite: bool) -> None:
 
 def save_trained(out: Path, model, scheduler, vae=None) -> None:
     """The trained model as a diffusers folder, written beside ``out`` and renamed into place (with diffkit's file
-    manifest, so ``--overwrite`` of other commands knows it as diffkit's). A VP UNet2DModel becomes a GuidedPipeline
-    folder (``diffkit generate --model out``); other models their components in diffusers' sub-folders (``unet`` or
-    ``transformer``, ``scheduler``, ``vae``), sampled by ``diffkit.recipe.sample`` (GuidedPipeline runs VP UNets)."""
+    manifest, so ``--overwrite`` of other commands knows it as diffkit's). A UNet2DModel (VP or flow matching) becomes
+    a GuidedPipeline folder (``diffkit generate --model out``); a DiT its ``transformer``, ``scheduler`` and ``vae``
+    sub-folders (diffusers' component layout; sample it with ``diffkit.recipe.sample``)."""
     from .outputs import write_folder_atomic
 
-    unet = type(model).__name__ == "UNet2DModel"
-
     def write(folder: Path) -> None:
-        if unet and type(scheduler).__name__ not in FLOW_SCHEDULERS:
+        if type(model).__name__ == "UNet2DModel":
             from .pipelines import GuidedPipeline
 
             GuidedPipeline(unet=model, scheduler=scheduler, vae=vae).save_pretrained(folder)
             return
-        model.save_pretrained(folder / ("unet" if unet else "transformer"))
+        model.save_pretrained(folder / "transformer")
         scheduler.save_pretrained(folder / "scheduler")
         if vae is not None:
             vae.save_pretrained(folder / "vae")
@@ -509,8 +494,8 @@ def train(recipe: dict | str | Path, out: str | Path, *, resume: bool = True, ov
     from accelerate import Accelerator
 
     from .images import image_grid, save_png_atomic, to_pil, write_text_atomic
-    from .schedule import NoiseSchedule
-    from .training import diffusion_loss, fit, flow_matching_loss
+    from .denoiser import Denoiser
+    from .training import diffusion_loss, fit
 
     recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else validate_recipe(recipe)
     out = Path(out)
@@ -535,8 +520,9 @@ def train(recipe: dict | str | Path, out: str | Path, *, resume: bool = True, ov
     conditional = recipe["conditioning"]["type"] == "class"
     null_label = (data.num_classes if conditional else 0)
     is_dit = recipe["model"]["class"] == "DiTTransformer2DModel"
-    flow = is_flow(recipe)
-    schedule = None if flow else NoiseSchedule.from_config(scheduler.config)
+    # the noise schedule and prediction type the scheduler describes (FlowMatch: the flow path, velocity targets)
+    objective = Denoiser.from_pipeline_components(None, scheduler)
+    flow_options = {"timestep_sampling": training["timestep_sampling"], "shift": scheduler.config.get("shift", 1.0)}
 
     def loss_fn(net, step, generator):
         x0, labels = data.batch(training["batch_size"], generator)
@@ -552,10 +538,8 @@ def train(recipe: dict | str | Path, out: str | Path, *, resume: bool = True, ov
             cond["class_labels"] = labels.to(accelerator.device)
         elif is_dit:
             cond["class_labels"] = torch.zeros(len(x0), dtype=torch.long, device=accelerator.device)
-        if flow:
-            return flow_matching_loss(net, x0, cond, generator, scheduler.config.num_train_timesteps,
-                                      scheduler.config.get("shift", 1.0), training["timestep_sampling"])
-        return diffusion_loss(net, schedule, scheduler.config.prediction_type, x0, cond, generator)
+        return diffusion_loss(net, objective.schedule, objective.prediction_type, x0, cond, generator,
+                              **(flow_options if objective.schedule.path == "flow" else {}))
 
     sampling = recipe["sampling"]
 
@@ -564,7 +548,8 @@ def train(recipe: dict | str | Path, out: str | Path, *, resume: bool = True, ov
         labels = torch.arange(sampling["num_images"]) % data.num_classes if conditional else None
         images = sample(net, scheduler, labels=labels, num_images=sampling["num_images"],
                         num_inference_steps=sampling["num_inference_steps"], guidance_scale=sampling["guidance_scale"],
-                        generator=generator, vae=vae, null_label=null_label if conditional else None)
+                        generator=generator, vae=vae, null_label=null_label if conditional else None,
+                        solver=sampling["solver"])
         (out / "samples").mkdir(exist_ok=True)
         ncols = data.num_classes if conditional and sampling["num_images"] % data.num_classes == 0 else None
         save_png_atomic(image_grid(to_pil(images), ncols=ncols), out / "samples" / f"step-{step:07d}.png")

@@ -34,6 +34,25 @@ from .schedule import NoiseSchedule
 # -- objectives ----------------------------------------------------------------------------------------------------
 
 
+FLOW_TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def flow_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator | None = None,
+                   sampling: str = "uniform", shift: float = 1.0) -> torch.Tensor:
+    """n flow-matching training timesteps t = N sigma (float64): sigma uniform in [0, 1), or logit-normal (the sigmoid
+    of a standard normal, SD3's default weighting, Esser et al. 2024), then shifted as diffusers' FlowMatch schedulers
+    shift their sigmas: sigma' = shift sigma / (1 + (shift - 1) sigma)."""
+    if sampling not in FLOW_TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep_sampling must be one of {FLOW_TIMESTEP_SAMPLING}, got {sampling!r}")
+    if not (isinstance(shift, (int, float)) and shift > 0):
+        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    if sampling == "uniform":
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+    else:
+        u = torch.sigmoid(torch.randn(n, generator=generator, dtype=torch.float64))
+    return num_train_timesteps * shift * u / (1 + (shift - 1) * u)
+
+
 def diffusion_loss(
     model,
     schedule: NoiseSchedule,
@@ -41,56 +60,31 @@ def diffusion_loss(
     x0: torch.Tensor,
     cond: dict | None = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Ho et al. (2020) simple loss: noise x0 at uniform integer t, regress the network on its target
-    (eps, x0 or v) with mean squared error."""
-    b = x0.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    shape = (b,) + (1,) * (x0.ndim - 1)
-    alpha = schedule.alpha(t.cpu()).to(x0.device, x0.dtype).view(shape)
-    sigma = schedule.sigma(t.cpu()).to(x0.device, x0.dtype).view(shape)
-    x_t = alpha * x0 + sigma * eps
-    target = convert(eps, "epsilon", prediction_type, x_t, alpha, sigma)
-    pred = model(x_t, t, **(cond or {}), return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
-
-
-FLOW_TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-
-
-def flow_matching_loss(
-    model,
-    x0: torch.Tensor,
-    cond: dict | None = None,
-    generator: torch.Generator | None = None,
-    num_train_timesteps: int = 1000,
-    shift: float = 1.0,
     timestep_sampling: str = "uniform",
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """Flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) as diffusers' FlowMatch schedulers and
-    SD3 define it: x_t = (1 - sigma) x0 + sigma eps at model timestep t = N sigma, velocity target eps - x0.
+    """The denoising loss: noise x0 to x_t = alpha_t x0 + sigma_t eps and regress the network on its target (eps, x0,
+    v or the flow velocity eps - x0) with mean squared error.
 
-    sigma is drawn uniformly, or logit-normal (sigmoid of a standard normal, SD3's default weighting, Esser et al.
-    2024), then shifted as diffusers' ``shift`` does: sigma' = shift sigma / (1 + (shift - 1) sigma).
-
-    (Written here until the flow-matching path of ``NoiseSchedule`` lands on main; then this becomes
-    ``schedule.add_noise`` and ``convert(..., "flow")``.)
+    VP schedule: t uniform over the integer timesteps (Ho et al. 2020's simple loss). Flow-matching schedule (Lipman
+    et al. 2023; rectified flow): t = N sigma with sigma from ``flow_timesteps`` (``timestep_sampling``, ``shift``), the
+    timestep diffusers' FlowMatch schedulers and SD3 hand the model.
     """
-    if timestep_sampling not in FLOW_TIMESTEP_SAMPLING:
-        raise ValueError(f"timestep_sampling must be one of {FLOW_TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
     b = x0.shape[0]
-    if timestep_sampling == "uniform":
-        u = torch.rand(b, generator=generator, dtype=torch.float64)
+    if schedule.path == "flow":
+        t = flow_timesteps(b, schedule.num_train_timesteps, generator, timestep_sampling, shift)
     else:
-        u = torch.sigmoid(torch.randn(b, generator=generator, dtype=torch.float64))
-    sigma = shift * u / (1 + (shift - 1) * u)
+        if (timestep_sampling, shift) != ("uniform", 1.0):
+            raise ValueError("timestep_sampling and shift are flow-matching options; a VP schedule draws integer "
+                             "timesteps uniformly")
+        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    s = sigma.to(x0.device, x0.dtype).view((b,) + (1,) * (x0.ndim - 1))
-    x_t = (1 - s) * x0 + s * eps
-    t = (sigma * num_train_timesteps).to(x0.device, torch.float32)
-    pred = model(x_t, t, **(cond or {}), return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred.float(), (eps - x0).float())
+    alpha, sigma = schedule.coefficients(t, x0)
+    x_t = schedule.add_noise(x0, eps, t)
+    target = convert(eps, "epsilon", prediction_type, x_t, alpha, sigma)
+    pred = model(x_t, t.to(x0.device, torch.float32 if schedule.path == "flow" else torch.long), **(cond or {}),
+                 return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
 # -- the training loop ---------------------------------------------------------------------------------------------

@@ -57,12 +57,19 @@ def _model_index(path_or_repo_id: str, revision: str | None, cache_dir) -> dict:
     return content
 
 
+# diffusers text-to-image pipelines whose folders load as a GuidedPipeline over the same components
+DIFFUSERS_TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
 def pipeline_class(class_name) -> type:
-    """The pipeline class a model_index.json names: a diffkit pipeline or a diffusers pipeline class."""
+    """The pipeline class a model_index.json names: a diffkit pipeline; GuidedPipeline for a Stable Diffusion 1.x / 2.x,
+    SDXL, SD3 or Flux folder (``DIFFUSERS_TEXT_PIPELINES``); else the diffusers pipeline class."""
     from . import PIPELINES
 
     if not isinstance(class_name, str):
         raise ValueError(f"_class_name in model_index.json must be a class name, got {class_name!r}")
+    if class_name in DIFFUSERS_TEXT_PIPELINES:
+        return PIPELINES["GuidedPipeline"]
     cls = PIPELINES.get(class_name) or getattr(diffusers, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
         raise ValueError(
@@ -74,6 +81,10 @@ def pipeline_class(class_name) -> type:
 
 def load_pipeline(path_or_repo_id: str | Path | None = None, *, revision: str | None = None, cache_dir=None, **kwargs):
     """Load a pipeline by the ``_class_name`` in its model_index.json; ``None`` loads the embedded default model.
+
+    A standard diffusers Stable Diffusion 1.x / 2.x, SDXL, SD3 or Flux folder (or Hub repo) loads as a
+    ``GuidedPipeline`` over its components (the safety checker, feature extractor and image encoder are not loaded;
+    text encoders a folder lacks stay ``None``); other diffusers classes load as themselves.
 
     ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``). Hub repo ids resolve from the local cache when
     ``HF_HUB_OFFLINE=1``. Code shipped with a model is never run: ``trust_remote_code`` and ``custom_pipeline``

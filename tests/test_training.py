@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from diffkit.images import save_png_atomic, to_pil
 from diffkit.recipe import load_recipe, sample, train, validate_recipe
-from diffkit.training import fit, flow_matching_loss, latest_checkpoint, step_seeds
+from diffkit.training import diffusion_loss, fit, latest_checkpoint, step_seeds
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,19 +169,28 @@ class _FlowOracle(torch.nn.Module):
 
 
 def test_flow_matching_targets_the_velocity_and_shifts_sigma():
+    """On the flow path (x_t = (1 - sigma) x0 + sigma eps, t = 1000 sigma) the target is the velocity eps - x0."""
+    from diffkit.schedule import NoiseSchedule
+
+    flow = NoiseSchedule.flow_matching(1000)
     x0 = torch.zeros(4096, 1, 2, 2)
     for sampling in ("uniform", "logit_normal"):
-        assert flow_matching_loss(_FlowOracle(), x0, generator=torch.Generator().manual_seed(0), timestep_sampling=sampling) < 1e-8
+        loss = diffusion_loss(_FlowOracle(), flow, "flow", x0, generator=torch.Generator().manual_seed(0),
+                              timestep_sampling=sampling)
+        assert loss < 1e-8
     # an x0-predicting oracle (output 0) is wrong for the velocity target: loss E[eps^2] = 1
     zero = lambda x, t, return_dict=True: (torch.zeros_like(x),)  # noqa: E731
-    assert flow_matching_loss(zero, x0, generator=torch.Generator().manual_seed(0)).item() == pytest.approx(1.0, abs=0.05)
+    assert diffusion_loss(zero, flow, "flow", x0, generator=torch.Generator().manual_seed(0)).item() == pytest.approx(1.0, abs=0.05)
     seen = []
     spy = lambda x, t, return_dict=True: seen.append(t) or (torch.zeros_like(x),)  # noqa: E731
-    flow_matching_loss(spy, x0, generator=torch.Generator().manual_seed(0), shift=3.0)
+    diffusion_loss(spy, flow, "flow", x0, generator=torch.Generator().manual_seed(0), shift=3.0)
     u = torch.rand(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(seen[0].double(), 1000 * 3 * u / (1 + 2 * u), atol=1e-3)  # diffusers' shift of sigma
     with pytest.raises(ValueError, match="timestep_sampling"):
-        flow_matching_loss(zero, x0, timestep_sampling="cosine")
+        diffusion_loss(zero, flow, "flow", x0, timestep_sampling="cosine")
+    vp = NoiseSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
+    with pytest.raises(ValueError, match="flow-matching options"):
+        diffusion_loss(zero, vp, "epsilon", x0, shift=3.0)
 
 
 # -- recipes -------------------------------------------------------------------------------------------------------
@@ -224,12 +233,20 @@ def test_recipes_load_from_toml_like_json_and_fill_defaults(tmp_path):
     ({"training": {"steps": 4, "batch_size": 4, "ema_decay": 1.0}}, "ema_decay must be below 1"),
     ({"training": {"steps": 4, "batch_size": 4, "timestep_sampling": "logit_normal"}}, "is for flow matching"),
     ({"model": {**TINY_UNET, "sample_size": 32}}, "bundled digits are 16x16"),
+    ({"scheduler": {"class": "DDPMScheduler"}, "sampling": {"every": 10}}, "sampling.solver names one of"),
 ])
 def test_a_bad_recipe_is_refused_with_the_key_named(change, needle):
     recipe = tiny_recipe()
     recipe.update(change)
     with pytest.raises(ValueError, match=needle):
         validate_recipe(recipe)
+
+
+def test_a_scheduler_diffkit_does_not_reproduce_samples_with_a_named_solver():
+    recipe = tiny_recipe(scheduler={"class": "DDPMScheduler", "prediction_type": "v_prediction"},
+                         sampling={"every": 10, "solver": "ddim"})
+    recipe["scheduler"] = {"class": "DDPMScheduler", "prediction_type": "v_prediction"}
+    assert validate_recipe(recipe)["sampling"]["solver"] == "ddim"
 
 
 def test_default_recipe_reproduces_the_shipped_training_settings():
@@ -259,7 +276,7 @@ TINY_DIT = {"class": "DiTTransformer2DModel", "sample_size": 16, "in_channels": 
 
 @pytest.mark.parametrize("model, scheduler", [
     (TINY_DIT, {"class": "FlowMatchEulerDiscreteScheduler", "shift": 1.0}),
-    (TINY_DIT, {"class": "DDPMScheduler", "prediction_type": "epsilon"}),
+    (TINY_DIT, {"class": "DDIMScheduler", "prediction_type": "epsilon"}),
     (TINY_UNET, {"class": "FlowMatchEulerDiscreteScheduler", "shift": 2.0}),
 ])
 def test_transformer_and_flow_recipes_train_save_and_sample(tmp_path, model, scheduler):
@@ -271,13 +288,17 @@ def test_transformer_and_flow_recipes_train_save_and_sample(tmp_path, model, sch
     import diffusers
 
     folder = tmp_path / "run" / "model"
-    if model["class"] == "UNet2DModel":  # a flow UNet: its components (GuidedPipeline samples VP models)
-        assert not (folder / "model_index.json").exists()
-        loaded = diffusers.UNet2DModel.from_pretrained(folder / "unet")
-        loaded_scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-        images = sample(loaded, loaded_scheduler, labels=torch.tensor([1, 2]), null_label=10, num_inference_steps=2,
-                        generator=torch.Generator().manual_seed(0))
-        assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    if model["class"] == "UNet2DModel":  # a flow UNet is a GuidedPipeline: it samples as recipe.sample does
+        import diffkit
+
+        pipe = diffkit.load_pipeline(folder)
+        pipe.set_progress_bar_config(disable=True)
+        noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        ours = sample(pipe.unet, pipe.scheduler, labels=torch.tensor([1, 2]), null_label=10, num_inference_steps=3,
+                      generator=torch.Generator().manual_seed(0))
+        theirs = pipe(class_labels=[1, 2], latents=noise, num_inference_steps=3, guidance_scale=3.0, output_type="pt").images
+        assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+        assert torch.allclose(ours, theirs * 2 - 1, atol=1e-5)
     if model["class"] == "DiTTransformer2DModel":
         loaded = diffusers.DiTTransformer2DModel.from_pretrained(folder / "transformer")
         loaded_scheduler = getattr(diffusers, scheduler["class"]).from_pretrained(folder / "scheduler")

@@ -1,5 +1,9 @@
 """``diffkit generate``: images from a class- or text-conditional model, one seeded PNG each.
 
+``--model`` takes a diffkit folder or any standard diffusers Stable Diffusion 1.x / 2.x, SDXL, SD3 or Flux folder or
+Hub repo id (loaded as a GuidedPipeline over its components); the solver and guidance scale default to the model's
+(its scheduler; its family's diffusers default scale).
+
 Image i uses seed + i (or the seed its line of ``--prompts-file`` gives), so every image can be regenerated alone;
 under ``accelerate launch`` the images are split across processes, each on its own accelerator. Memory does not grow
 with ``-n``: images go to disk as they are made, the jobs are computed one at a time, and grid.png shows the first
@@ -47,9 +51,11 @@ def add_parser(sub) -> None:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("-n", "--num-images", type=common.num_images, default=None, help="default: 16")
     gen.add_argument("--steps", type=common.positive_int, default=25)
-    gen.add_argument("--solver", choices=sorted(SOLVERS), default="dpmpp_2m")
+    gen.add_argument("--solver", choices=sorted(SOLVERS), default=None,
+                     help="default: the model's scheduler (its class and sigma options)")
     gen.add_argument("--guidance", choices=sorted(GUIDANCES) + ["none"], default="cfg")
-    gen.add_argument("--guidance-scale", type=common.finite_float, default=3.0)
+    gen.add_argument("--guidance-scale", type=common.finite_float, default=None,
+                     help="default: the model family's (3 pixel models, 7.5 SD, 5 SDXL, 7 SD3, 1 Flux: its true CFG off)")
     gen.add_argument("--guidance-rescale", type=common.finite_float, default=0.0, help="CFG-rescale phi")
     gen.add_argument("--apg-eta", type=common.finite_float, default=0.0, help="APG: weight of the parallel component")
     gen.add_argument("--apg-r", type=common.finite_float, default=0.0, help="APG: norm threshold r (0 = no clamp)")
@@ -105,7 +111,8 @@ def _check_args(args) -> None:
                                  f"{name} (the same label and seed)")
             made[name] = entry["line"]
     if args.guidance != "none":
-        make_guidance(args.guidance, args.guidance_scale, args.guidance_rescale, **_guidance_kwargs(args))
+        scale = 3.0 if args.guidance_scale is None else args.guidance_scale  # the rule's own checks; the model's default comes later
+        make_guidance(args.guidance, scale, args.guidance_rescale, **_guidance_kwargs(args))
 
 
 def _is_jsonl(path: str) -> bool:
@@ -230,7 +237,7 @@ def _png_text(args, job, image) -> dict:
     """A1111-style 'parameters' plus diffkit's full JSON; the run's --label list and first seed stay in the
     record, "label" and "seed" are this image's."""
     parameters = (
-        f"Steps: {args.steps}, Sampler: {args.solver}, Guidance: {args.guidance}, CFG scale: {args.guidance_scale}, "
+        f"Steps: {args.steps}, Sampler: {args.sampler}, Guidance: {args.guidance}, CFG scale: {args.guidance_scale}, "
         f"Seed: {job['seed']}, Size: {image.width}x{image.height}, Model: {args.model or 'diffkit-default'}"
     )
     if "label" in job:
@@ -240,7 +247,8 @@ def _png_text(args, job, image) -> dict:
         negative = f"\nNegative prompt: {negative}" if negative else ""
         parameters = f"{prompt}{negative}\n{parameters}"
     record = {k: v for k, v in vars(args).items()
-              if k not in ("command", "overwrite", "resume", "no_grid", "no_progress", "run", "lines")}
+              if k not in ("command", "overwrite", "resume", "no_grid", "no_progress", "run", "lines", "sampler")}
+    record["solver"] = args.sampler
     record["labels"], record["first_seed"] = record.pop("label"), record.pop("seed")
     record.update(job, versions=common.versions())
     return {"parameters": parameters, "diffkit": json.dumps(record)}
@@ -271,12 +279,14 @@ def _check_model(pipe, args) -> None:
             if wants_labels and not 0 <= entry["label"] < pipe.num_classes:
                 raise UsageError(f"--prompts-file line {entry['line']}: label {entry['label']} is out of range for this "
                                  f"model (0..{pipe.num_classes - 1})")
+    if args.guidance_scale is None:
+        args.guidance_scale = pipe.default_guidance_scale  # recorded with the images as the value used
     first = [_job(args, i) for i in range(min(args.num_images, args.batch_size))]
     kwargs = _call_kwargs(args, first)
-    if "prompt" in kwargs and pipe.text_encoder is None:
-        raise UsageError("this model has no text encoder, so --prompt cannot be encoded")
     try:
         pipe.check_inputs(**kwargs)
+        # the solver the model's scheduler resolves to, recorded with the images (the call itself passes None)
+        args.sampler = pipe.solver_setup(args.solver, args.steps, *pipe.check_size(args.height, args.width)).solver
     except ValueError as err:
         raise UsageError(_option_message(str(err))) from None
 

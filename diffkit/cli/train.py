@@ -1,8 +1,8 @@
 """``diffkit train RECIPE --out RUN``: train a diffusion model from a recipe (JSON / TOML, or a bundled name such as
 ``default``), on accelerate: ``accelerate launch -m diffkit train ...`` spreads it over processes and devices.
 
-The run folder holds ``model/`` (the EMA weights, a diffusers folder; a VP UNet model is a pipeline ``diffkit generate
---model RUN/model`` runs), ``checkpoints/step-N``, ``samples/step-N.png``, ``recipe.json`` and
+The run folder holds ``model/`` (the EMA weights, a diffusers folder; a UNet model is a pipeline ``diffkit generate --model
+RUN/model`` runs), ``checkpoints/step-N``, ``samples/step-N.png``, ``recipe.json`` and
 ``training_log.json``. Running the same command again resumes from the newest checkpoint, bit for bit;
 ``--overwrite`` starts afresh, deleting only what a diffkit run wrote there.
 """
