@@ -493,8 +493,8 @@ def train(recipe: dict | str | Path, out: str | Path, *, resume: bool = True, ov
     """
     from accelerate import Accelerator
 
-    from .images import image_grid, save_png_atomic, to_pil, write_text_atomic
     from .denoiser import Denoiser
+    from .images import image_grid, save_png_atomic, to_pil, write_text_atomic
     from .training import diffusion_loss, fit
 
     recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else validate_recipe(recipe)

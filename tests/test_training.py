@@ -179,10 +179,10 @@ def test_flow_matching_targets_the_velocity_and_shifts_sigma():
                               timestep_sampling=sampling)
         assert loss < 1e-8
     # an x0-predicting oracle (output 0) is wrong for the velocity target: loss E[eps^2] = 1
-    zero = lambda x, t, return_dict=True: (torch.zeros_like(x),)  # noqa: E731
+    zero = lambda x, t, return_dict=True: (torch.zeros_like(x),)
     assert diffusion_loss(zero, flow, "flow", x0, generator=torch.Generator().manual_seed(0)).item() == pytest.approx(1.0, abs=0.05)
     seen = []
-    spy = lambda x, t, return_dict=True: seen.append(t) or (torch.zeros_like(x),)  # noqa: E731
+    spy = lambda x, t, return_dict=True: seen.append(t) or (torch.zeros_like(x),)
     diffusion_loss(spy, flow, "flow", x0, generator=torch.Generator().manual_seed(0), shift=3.0)
     u = torch.rand(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(seen[0].double(), 1000 * 3 * u / (1 + 2 * u), atol=1e-3)  # diffusers' shift of sigma

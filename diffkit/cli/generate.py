@@ -315,7 +315,7 @@ def _kept_on_resume(path: Path, args, job: dict) -> bool:
     try:
         with PIL.Image.open(path) as image:
             image.verify()
-    except Exception:  # noqa: BLE001  (PIL raises many kinds for a truncated or corrupt file)
+    except Exception:
         return False
     try:
         written = json.loads(record)
