@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,3 +163,16 @@ def test_bench_realmodels_gpu_mode_needs_cuda(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--gpu needs a CUDA device" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # a dozen subprocesses and a 2-process launch: 5.5 minutes on the shared 2 cores
+def test_bench_scale_quick(tmp_path):
+    stdout = _run("bench_scale.py", tmp_path)
+    rows = [r for r in stdout.splitlines() if r.startswith("| ") and not r.startswith(("| n |", "| N |", "| processes"))]
+    assert len(rows) == 1 + 2 + 1 + 2  # imports, two n, one precision / recall size, training on 1 and 2 processes
+    assert rows[3].rstrip().endswith("| yes |")  # the blocked k-NN gives the N x N result
+    cells = [float(c) for c in rows[2].strip("| ").split("|")[7:10]]  # FD, precision, recall of generated digits
+    assert cells[0] > 0 and 0 <= cells[1] <= 1 and 0 <= cells[2] <= 1
+    assert [r.split("|")[1].strip() for r in rows[4:]] == ["1", "2"]
+    for name in ("bench_scale_quick.md", "bench_scale_quick.png"):
+        assert (tmp_path / name).stat().st_size > 0
