@@ -136,3 +136,23 @@ def test_the_batch_grows_step_by_step_in_the_loop_and_never_shrinks():
     assert sum(sizes) <= 2 * len(data.y_train)
     with pytest.raises(ValueError, match="test"):
         AdaptiveBatchSize(test="variance")
+
+
+def test_card_is_the_reference_expt_sh_setting_mnist5k_logistic_regression():
+    """The card runs timlautk/AdAdaGrad expt.sh's MNIST setting at CPU scale: multinomial logistic regression (one
+    linear layer, nothing else) on MNIST-5k's 4,000 training digits, AdaGrad at 8e-3 from a batch of 2."""
+    from diffkit.harness.cards import load_card
+    from diffkit.harness.registry import MODELS
+    from diffkit.harness.tasks.base import build_data
+
+    card = load_card("cards/adadagrad.json")
+    assert card["model"] == {"name": "logistic"} and card["optimizer"] == {"name": "adagrad", "lr": 8e-3}
+    assert card["budget"]["batch_size"] == 2
+    data = build_data(card, 0)
+    assert data.x_train.shape == (4000, 784) and data.x_test.shape == (1000, 784)
+    assert 0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1
+    model = MODELS.build("logistic", 784, 10)
+    assert [type(m) for m in model.modules() if not isinstance(m, nn.Sequential)] == [nn.Linear]
+    x = data.x_train[:5]
+    linear = model[0]
+    torch.testing.assert_close(model(x), x @ linear.weight.T + linear.bias)

@@ -305,3 +305,20 @@ def test_oscillations_count_direction_reversals_not_every_code_change():
     assert state.logs["oscillations_last_epoch"] == pytest.approx(5 / 5)  # 2 + 1 + 1 + 1 + 0 over 5 weights
     assert state.logs["level_flips_last_epoch"] == pytest.approx(13 / 5)  # every change: 3 + 3 + 2 + 2 + 3
     assert state.logs["curves"]["oscillations"] == [[1, pytest.approx(1.0)]]
+
+
+def test_cga_runs_in_the_cool_down_at_the_minimum_rate_beside_a_no_freeze_control():
+    """OFQ's cga.py fine-tunes with CGA after the cosine decay, at its minimum rate: in both OFQ cards the CGA
+    epochs are exactly the final constant stage, held at the cosine's end, and every CGA arm has a control with
+    the same model and schedule that does not freeze."""
+    for name in ("ofq_statsq", "ofq_vit"):
+        card = load_card(f"cards/{name}.json")
+        cosine, fine_tune = card["budget"]["lr_schedule"]["stages"]
+        assert cosine["shape"] == "cosine" and fine_tune["shape"] == "constant"
+        assert fine_tune["lr"] == cosine["end"] < 1
+        for method, spec in card["methods"].items():
+            if spec.get("algorithm", {}).get("name") != "cga":
+                continue
+            assert spec["algorithm"]["freeze_epochs"] == fine_tune["epochs"]
+            control = {k: v for k, v in spec.items() if k != "algorithm"}
+            assert control in [s for m, s in card["methods"].items() if m != method], (name, method)
