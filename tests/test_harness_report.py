@@ -66,3 +66,14 @@ def test_report_says_inconclusive_when_the_seeds_cannot_detect_the_papers_effect
         if effect:
             assert f"Paper's effect: acc {effect['acc']:.4g}" in text
     assert "80 % power" in text and "noncentral t" in text
+
+
+def test_a_records_note_is_shown_once_under_its_card(tmp_path):
+    note = "run with the card's settings before #20; not rerun"
+    records = [{**_record(m, s, 0.5 + 0.01 * s), "note": note} for m in ("base", "new") for s in range(3)]
+    records += [_record(m, s, 0.5, None) | {"card": "d"} for m in ("base", "new") for s in range(2)]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = write_report(results, tmp_path / "r.md")
+    assert text.count(note) == 1
+    assert text.index("## c") < text.index(note) < text.index("| method |") < text.index("## d")

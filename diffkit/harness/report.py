@@ -110,6 +110,8 @@ def card_table(records: list[dict]) -> str:
         by_method[r["method"]][r["seed"]] = r
     methods = sorted(by_method, key=lambda m: (m != baseline, m))
     lines = [f"## {card}", "", f"Paper: {first['paper']}", "", f"Expected: {first['expected']}", ""]
+    # a record's note says how to read it, e.g. that it predates a change of its card and was not rerun
+    lines += [f"**Note:** {note}\n" for note in dict.fromkeys(r["note"] for r in records if r.get("note"))]
     lines += ["| method | seeds | " + " | ".join(metrics) + " | wall s / run |",
               "|---" * (len(metrics) + 3) + "|"]
     for m in methods:
