@@ -62,6 +62,7 @@ def main():
     print(table)
     if not args.quick:
         out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "default_eval.md", table)
         grid = torch.cat([images[labels == c][:10] for c in range(pipe.num_classes)])
         save_png_atomic(image_grid(to_pil(grid), ncols=10, tile=32), out / "default_grid.png")
