@@ -5,7 +5,8 @@
 Every card that has records in a NEW file loses all its old records in docs/harness_results.jsonl and gets the new
 ones (a rerun replaces the card's rows, also for methods or seeds the new card no longer has). Each kept or new
 record of a card still shipped in cards/ takes that card's current paper_effect (the size of the paper's effect is
-not a result of the run, so a card that gained one reports its power against it). --drop removes the rows of cards
+not a result of the run, so a card that gained one reports its power against it), and each rerun record the card's
+current paper and expected texts. --drop removes the rows of cards
 that no longer exist (a renamed card); --stale marks the old rows of cards whose settings changed but which were not
 rerun, so the report says so above their table. Then docs/harness_results.md is regenerated.
 """
@@ -47,13 +48,14 @@ def main(argv=None) -> None:
     for r in kept:
         if r["card"] in args.stale:
             r["note"] = STALE_NOTE
-    effects = {}
+    cards = {}
     for r in kept + new:
         card_file = ROOT / "cards" / f"{r['card']}.json"
         if card_file.is_file():
-            if r["card"] not in effects:
-                effects[r["card"]] = load_card(card_file).get("paper_effect", {})
-            r["paper_effect"] = effects[r["card"]]
+            card = cards.setdefault(r["card"], load_card(card_file))
+            r["paper_effect"] = card.get("paper_effect", {})
+            if r["card"] in rerun:  # one text per rerun card: the card's current one (it may have gained a sentence)
+                r["paper"], r["expected"] = card["paper"], card["expected"]
     records = sorted(kept + new, key=lambda r: (r["card"], r["method"], r["seed"]))
     write_text_atomic(args.results, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     write_report(args.results, args.results.with_suffix(".md"))
