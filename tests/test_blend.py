@@ -306,6 +306,12 @@ def test_pipeline_rejects_bad_input(pipe, digits):
         pipe(images * float("nan"), mask)
     with pytest.raises(ValueError, match="adapter_conditioning_scale names"):
         pipe(images, mask, control_images=_controls(images, ["edges"]), adapter_conditioning_scale={"ink_mask": 1.0})
+    with pytest.raises(ValueError, match="step_rule must be one of"):
+        pipe(images, mask, control_images=_controls(images), blend_step_rule="adam")
+    with pytest.raises(ValueError, match="blend_cond_tau must be in"):
+        pipe(images, mask, control_images=_controls(images), blend_cond_tau=1.5)
+    with pytest.raises(ValueError, match="max_step_size"):
+        OfficialStep(max_step_size=float("inf"))
 
 
 def test_cli_complete_keeps_the_known_half_and_refuses_to_overwrite(pipe, digits, tmp_path, capsys):
