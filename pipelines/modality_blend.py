@@ -207,8 +207,9 @@ class ModalityBlendPipeline(GuidedPipeline):
         put back, so the known region is kept exactly as on a pixel model.
 
         After a call, ``pipe.blend_losses`` (P, Q + 1) holds the blending loss before each gradient step and after
-        the last, ``pipe.blend_loss_removed`` (P,) the fraction of it each blended step removed, and
-        ``pipe.blend_residual_losses`` (P,) the part the injected features make (``diffkit.blend.Completion``).
+        the last, ``pipe.blend_loss_removed`` (P,) the fraction of it each blended step removed,
+        ``pipe.blend_residual_losses`` (P,) the part the injected features make and ``pipe.blend_floor_losses`` (P,)
+        the loss's minimum over any features (``diffkit.blend.Completion``).
         """
         if self.family not in ("unet", "sd", "sdxl"):
             raise ValueError(f"modality blending injects adapter features into a UNet's encoder; this {self.family} "
@@ -281,6 +282,7 @@ class ModalityBlendPipeline(GuidedPipeline):
             )
         # diagnostics of the last call (diffkit.blend.Completion)
         self.blend_losses, self.blend_residual_losses = result.blend_losses, result.residual_losses
+        self.blend_floor_losses = result.floor_losses
         self.blend_loss_removed = result.loss_removed
         if self.vae is None or output_type == "latent":
             images = self.decode(result.sample, output_type)

@@ -16,9 +16,10 @@ Metrics: class accuracy of the completions (the shipped classifier), FD against 
 completed region only (mean +- std over images), its paired difference to "sum: all three" with the 95% t-interval
 and the smallest difference the images could detect (80% power, two-sided 5%), seconds per image, and for blending
 rows the fraction of the blending loss the Q gradient steps removed per blended step (mean over steps, with the
-first and the last blended step) and the adapters' share of the loss at the start of a blended step: the loss each
+first and the last blended step), the adapters' share of the loss at the start of a blended step (the loss each
 modality's features keep against the plain UNet's at the modality's own branch latent, over the loss at the main
-latent (diffkit.blend.Completion). Writes assets/bench_blend.md, bench_blend.png (loss removed and adapter share per blended step) and
+latent) and its floor share (the loss at the modalities' mean features, which no latent gets below, over the same;
+diffkit.blend.Completion). Writes assets/bench_blend.md, bench_blend.png (those per blended step) and
 bench_blend_images.png (completions).
 
     python scripts/train_modalities.py            # once: the adapters in assets/modalities
@@ -110,7 +111,7 @@ def main():
 
     results = {}
     for name, (mods, mode, extra) in methods(q).items():
-        outs, removed, share, start = [], [], [], time.perf_counter()
+        outs, removed, share, floor, start = [], [], [], [], time.perf_counter()
         for lo in range(0, len(x), args.batch_size):
             sl = slice(lo, lo + args.batch_size)
             kwargs = {"blend_iterations": q, **extra}
@@ -120,8 +121,9 @@ def main():
             if mode == "cmb":  # per blended step, this batch
                 removed.append(pipe.blend_loss_removed)
                 share.append(pipe.blend_residual_losses / pipe.blend_losses[:, 0])
+                floor.append(pipe.blend_floor_losses / pipe.blend_losses[:, 0])
         out = torch.cat(outs)
-        loss = (torch.stack(removed).mean(0), torch.stack(share).mean(0)) if removed else None
+        loss = tuple(torch.stack(v).mean(0) for v in (removed, share, floor)) if removed else None
         results[name] = (out, (time.perf_counter() - start) / len(x), loss)
         print(f"{name}: {results[name][1]:.3f} s/img", flush=True)
 
@@ -132,12 +134,13 @@ def main():
         f"PSNR over the completed half, mean ± std over images; Δ: paired difference to \"{BASELINE}\" [95% CI] "
         "and the smallest difference these images detect (80% power). Loss removed: the fraction of the blending loss "
         "the Q gradient steps removed, mean over the blended steps (first step / last step); adapter share: the loss "
-        "the adapters' injected features make at the branches' own latents over the loss at the main latent, mean "
-        "over the blended steps.",
+        "the adapters' injected features make at the branches' own latents over the loss at the main latent; floor: the "
+        "loss at the modalities' mean features (its minimum over any features) over the loss at the main latent; "
+        "both mean over the blended steps.",
         "",
         "| method | accuracy | FD | PSNR (completed half) | Δ PSNR vs sum [95% CI] (detectable) | s / image | "
-        "loss removed / blended step | adapter share of the loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "loss removed / blended step | adapter share of the loss | floor share |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (out, seconds, loss) in results.items():
         mean, std = mean_std(psnr[name].tolist())
@@ -147,13 +150,13 @@ def main():
             diffs = (psnr[name] - psnr[BASELINE]).tolist()
             d, lo, hi = paired_interval(diffs)
             delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] ({detectable(diffs):.2f})"
-        removed = share = "-"
+        removed = share = low = "-"
         if loss is not None:
-            r, a = loss
+            r, a, f = loss
             removed = f"{r.mean():.1%} ({r[0]:.1%} / {r[-1]:.1%})"
-            share = f"{a.mean():.1%}"
+            share, low = f"{a.mean():.1%}", f"{f.mean():.1%}"
         lines.append(f"| {name} | {class_accuracy(out, y):.1%} | {fd(out, images):.1f} | {mean:.2f} ± {std:.2f} | "
-                     f"{delta} | {seconds:.3f} | {removed} | {share} |")
+                     f"{delta} | {seconds:.3f} | {removed} | {share} | {low} |")
     # columns: one digit per class; rows: the masked input, the modalities, the truth, then each method
     cols = torch.arange(10) * per_class
     masked = x[cols] * (1 - mask) - mask
@@ -164,9 +167,11 @@ def main():
     for name, (_, _, loss) in results.items():
         if loss is not None:
             left.plot(range(1, p + 1), 100 * loss[0], label=name.removeprefix("CMB: "))
-            right.plot(range(1, p + 1), 100 * loss[1])
+            line, = right.plot(range(1, p + 1), 100 * loss[1])
+            right.plot(range(1, p + 1), 100 * loss[2], linestyle=":", color=line.get_color())
     left.set(xlabel="blended step", ylabel="% of the blending loss removed", title="loss removed by the Q steps")
-    right.set(xlabel="blended step", ylabel="%", title="adapter share of the loss")
+    right.set(xlabel="blended step", ylabel="% of the loss at the main latent",
+              title="adapter share (solid) and floor (dotted)")
     left.legend(fontsize=7)
     figure.tight_layout()
     write_results(args.out, "bench_blend", args.quick, "\n".join(lines) + "\n", figure=figure,

@@ -394,6 +394,8 @@ def test_latent_completion_keeps_the_known_region_with_prompts(sd_blend, blend):
         run(control_images=controls, blend=blend, prompt="a red fox")
         losses = pipe.blend_losses
         assert losses.shape == (3, 4) and torch.all(losses[:, 1:] < losses[:, :-1]), losses
+        floor = pipe.blend_floor_losses  # the loss at the modalities' mean features: no latent gets below it
+        assert floor.shape == (3,) and torch.all(floor > 0) and torch.all(floor < losses.min(1).values)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -70,11 +70,14 @@ class Completion:
     last. ``residual_losses`` (P,): the loss each modality's features keep against the plain UNet's at that
     modality's own branch latent, summed over modalities and batch: the part of the targets that the injected
     features (adapter features, ControlNet residuals) make, which the plain UNet does not produce even at the
-    branch's latent. ``loss_removed`` (P,): the fraction of the loss the Q steps removed."""
+    branch's latent. ``floor_losses`` (P,): the loss at the modalities' mean features, its minimum over any
+    features (no latent gets below it: it measures how much the modalities disagree). ``loss_removed`` (P,): the
+    fraction of the loss the Q steps removed."""
 
     sample: torch.Tensor
     blend_losses: torch.Tensor
     residual_losses: torch.Tensor
+    floor_losses: torch.Tensor
 
     @property
     def loss_removed(self) -> torch.Tensor:
@@ -370,7 +373,7 @@ def complete(
     x = noise  # pure noise everywhere at the start, as diffusers' inpainting pipelines at strength 1
     if mode == "sum" or not modalities or blend_steps == 0 or blend_iterations == 0:
         sample = run(x, modalities if mode == "sum" else [], cond, uncond, user_step)
-        return Completion(sample, torch.zeros(0, blend_iterations + 1), torch.zeros(0))
+        return Completion(sample, torch.zeros(0, blend_iterations + 1), torch.zeros(0), torch.zeros(0))
 
     # 1. Every modality's own trajectory from the same noise (batched), kept for the first P steps.
     k, b = len(modalities), noise.shape[0]
@@ -385,7 +388,7 @@ def complete(
         run(branch[0], modalities, branch_cond, branch_uncond, keep_branch, stacked=True, stop_after=blend_steps - 1)
 
     # 2. The main trajectory: plain UNet steps; the first P preceded by Q feature-matching gradient steps.
-    losses, residual, memory = [], [], {}
+    losses, residual, floor, memory = [], [], [], {}
     halves = 1 if uncond is None else 2
 
     def per_modality(feats):  # one feature list per modality, each on the (conditional; unconditional) batch of b
@@ -400,6 +403,8 @@ def complete(
                 targets = per_modality(encoder_features(unet, lambda: denoiser(zz, t, cc), mid=mid))
             plain = per_modality(encoder_features(unet, lambda: denoiser(zz, t, cc), mid=mid))
         residual.append(sum(_per_sample(p, [tg], b, layers).sum().item() for p, tg in zip(plain, targets)))
+        mean = [torch.stack(parts).mean(0) for parts in zip(*targets)]  # the minimiser of the equal-weight loss
+        floor.append(_per_sample(mean, targets, b, layers).sum().item())
         z, step_losses = blend_update(denoiser, x_i, t, targets, blend_iterations, rule, grid.rho[i], cond, uncond,
                                       layers, mask=mask, mid=mid, memory=memory)
         losses.append(step_losses)
@@ -411,4 +416,4 @@ def complete(
         return user_step(x_i, i)
 
     sample = run(blend(x, 0), [], cond, uncond, main_step)
-    return Completion(sample, torch.tensor(losses), torch.tensor(residual))
+    return Completion(sample, torch.tensor(losses), torch.tensor(residual), torch.tensor(floor))
