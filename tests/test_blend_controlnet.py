@@ -121,3 +121,18 @@ def test_controlnets_are_refused_where_they_cannot_condition(sd_controlnets):
             pipe(image, mask, control_images=controls)
     finally:
         del pipe.adapters["depth"]
+
+
+def test_save_pretrained_keeps_the_controlnets(sd_controlnets, tmp_path):
+    """save_pretrained writes every ControlNet under controlnets/<modality> as safetensors; from_pretrained and
+    load_controlnets bring them back with the same weights."""
+    _, pipe, nets, _ = sd_controlnets
+    pipe.save_pretrained(tmp_path / "p")
+    assert sorted(p.parent.name for p in (tmp_path / "p" / "controlnets").glob("*/diffusion_pytorch_model.safetensors")) == sorted(nets)
+    loaded = ModalityBlendPipeline.from_pretrained(tmp_path / "p")
+    assert sorted(loaded.controlnets) == sorted(nets)
+    for name, net in nets.items():
+        theirs = loaded.controlnets[name].state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="no ControlNet for"):
+        loaded.load_controlnets(tmp_path / "p" / "controlnets", names=["depth", "sketch"])
