@@ -312,6 +312,12 @@ def test_pipeline_rejects_bad_input(pipe, digits):
         pipe(images, mask, control_images=_controls(images), blend_cond_tau=1.5)
     with pytest.raises(ValueError, match="max_step_size"):
         OfficialStep(max_step_size=float("inf"))
+    pipe.controlnets = {"depth": object()}
+    try:
+        with pytest.raises(ValueError, match="ControlNetModel conditions a UNet2DConditionModel"):
+            pipe(images, mask, control_images={"depth": images})
+    finally:
+        pipe.controlnets = {}
 
 
 def test_cli_complete_keeps_the_known_half_and_refuses_to_overwrite(pipe, digits, tmp_path, capsys):
