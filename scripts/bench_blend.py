@@ -31,21 +31,17 @@ import argparse
 import math
 import time
 
-import matplotlib
+import torch
+from scipy.stats import t as student_t
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from scipy.stats import t as student_t  # noqa: E402
-
-import diffkit  # noqa: E402
-from diffkit.bench import write_results  # noqa: E402
-from diffkit.blend import LineSearch, OfficialStep, extract  # noqa: E402
-from diffkit.data import colored_digits  # noqa: E402
-from diffkit.harness.report import mean_std, paired_interval  # noqa: E402
-from diffkit.images import image_grid, to_pil  # noqa: E402
-from diffkit.metrics import class_accuracy, fd  # noqa: E402
-from diffkit.pipelines import ModalityBlendPipeline  # noqa: E402
+import diffkit
+from diffkit.bench import write_results
+from diffkit.blend import LineSearch, OfficialStep, extract
+from diffkit.data import colored_digits
+from diffkit.harness.report import mean_std, paired_interval
+from diffkit.images import image_grid, to_pil
+from diffkit.metrics import class_accuracy, fd
+from diffkit.pipelines import ModalityBlendPipeline
 
 
 PAIR = ("edges", "low_resolution")
@@ -67,7 +63,8 @@ def methods(q: int) -> dict:
                                                                                "blend_iterations": 4 * q})
     rows["CMB: all three, line search, cond_tau 0.4"] = (ALL, "cmb", {"blend_step_rule": LineSearch(),
                                                                        "blend_cond_tau": 0.4})
-    rows["CMB: " + " + ".join(SHORT[m] for m in PAIR) + ", line search"] = (PAIR, "cmb", {"blend_step_rule": LineSearch()})
+    pair = " + ".join(SHORT[m] for m in PAIR)
+    rows[f"CMB: {pair}, line search"] = (PAIR, "cmb", {"blend_step_rule": LineSearch()})
     return rows
 
 
@@ -97,7 +94,8 @@ def main():
     parser.add_argument("--out", default="assets")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    per_class, steps, p, q = (1, 10, 6, 2) if args.quick else (args.per_class, args.steps, args.blend_steps, args.blend_iterations)
+    per_class, steps, p, q = ((1, 10, 6, 2) if args.quick else
+                              (args.per_class, args.steps, args.blend_steps, args.blend_iterations))
 
     pipe = ModalityBlendPipeline.from_pipe(diffkit.load_pipeline())
     pipe.set_progress_bar_config(disable=True)
@@ -134,7 +132,8 @@ def main():
         f"PSNR over the completed half, mean ± std over images; Δ: paired difference to \"{BASELINE}\" [95% CI] "
         "and the smallest difference these images detect (80% power). Loss removed: the fraction of the blending loss "
         "the Q gradient steps removed, mean over the blended steps (first step / last step); adapter share: the loss "
-        "the adapters' injected features make at the branches' own latents over the loss at the main latent; floor: the "
+        "the adapters' injected features make at the branches' own latents over the loss at the main latent; floor: "
+        "the "
         "loss at the modalities' mean features (its minimum over any features) over the loss at the main latent; "
         "both mean over the blended steps.",
         "",
@@ -162,6 +161,11 @@ def main():
     masked = x[cols] * (1 - mask) - mask
     rows = [masked] + [controls[m][cols] for m in ALL] + [x[cols]] + [out[cols] for out, _, _ in results.values()]
     grid = image_grid(to_pil(torch.cat(rows)), ncols=10, tile=32)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, (_, _, loss) in results.items():

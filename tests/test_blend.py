@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMScheduler, MultiAdapter, UNet2DConditionModel
 
 import diffkit
-from diffkit.blend import (LineSearch, Modality, OfficialStep, adapter_for, blend_loss, blend_update, complete,
-                           encoder_features, extract, injected)
+from diffkit.blend import (LineSearch, OfficialStep, adapter_for, blend_loss, blend_update, complete, encoder_features,
+                           extract, injected)
 from diffkit.data import colored_digits
 from diffkit.denoiser import Denoiser
 from diffkit.pipelines import ModalityBlendPipeline

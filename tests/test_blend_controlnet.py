@@ -19,7 +19,8 @@ def _controlnet(unet, seed: int):
     net = controlnet_for(unet, conditioning_embedding_out_channels=(8, 16))  # halves once: the tiny VAE's factor 2
     with torch.no_grad():
         for name, p in net.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                "controlnet_cond_embedding.conv_out")):
                 p.normal_(0, 0.3)
     return net.eval()
 
@@ -36,7 +37,8 @@ def sd_controlnets():
     nets = {name: _controlnet(components["unet"], seed) for seed, name in enumerate(["edges", "depth"])}
     pipe.controlnets = nets
     gen = torch.Generator().manual_seed(0)
-    controls = {name: torch.rand(2, 3, 16, 24, generator=gen) * 2 - 1 for name in nets}  # [-1, 1], as the pipeline takes
+    # control images in [-1, 1], as the pipeline takes them
+    controls = {name: torch.rand(2, 3, 16, 24, generator=gen) * 2 - 1 for name in nets}
     return ref, pipe, nets, controls
 
 
@@ -62,7 +64,8 @@ def test_summed_controlnets_with_nothing_known_match_diffusers_controlnet_pipeli
         controlnet_conditioning_scale=scales if len(names) > 1 else scales[0], latents=latents.clone(), **kw).images
     image = torch.zeros(2, 3, 16, 24)
     ours = pipe(image, torch.ones(1, 1, 16, 24), control_images={n: controls[n] for n in names}, blend="sum",
-                controlnet_conditioning_scale=dict(zip(names, scales)), solver="ddim", latents=latents.clone(), **kw).images
+                controlnet_conditioning_scale=dict(zip(names, scales)), solver="ddim", latents=latents.clone(),
+                **kw).images
     assert ours.shape == theirs.shape == (2, 3, 16, 24)
     assert (ours - theirs).abs().max() <= 1e-4
     plain = pipe(image, torch.ones(1, 1, 16, 24), solver="ddim", latents=latents.clone(), **kw).images
@@ -77,7 +80,8 @@ def test_effective_skip_features_are_the_skips_plus_the_controlnet_residuals(sd_
     x, t, text = torch.randn(2, 4, 8, 12), torch.tensor(500), torch.randn(2, 5, 32)
     image = (controls["edges"] + 1) / 2
     with torch.no_grad():
-        down, mid = net(x, t, encoder_hidden_states=text, controlnet_cond=image, conditioning_scale=0.7, return_dict=False)
+        down, mid = net(x, t, encoder_hidden_states=text, controlnet_cond=image, conditioning_scale=0.7,
+                        return_dict=False)
         plain = encoder_features(unet, lambda: unet(x, t, text), mid=True)
         with controlled(unet, [ControlNetModality(net, image, 0.7)]):
             effective = encoder_features(unet, lambda: unet(x, t, text), mid=True)
@@ -111,7 +115,7 @@ def test_controlnet_blending_lowers_its_loss_and_changes_the_fill(sd_controlnets
 
 
 def test_controlnets_are_refused_where_they_cannot_condition(sd_controlnets):
-    _, pipe, nets, controls = sd_controlnets
+    _, pipe, _, controls = sd_controlnets
     image, mask = torch.zeros(2, 3, 16, 24), torch.ones(1, 1, 16, 24)
     with pytest.raises(ValueError, match="controlnet_conditioning_scale names"):
         pipe(image, mask, control_images={"edges": controls["edges"]}, controlnet_conditioning_scale={"depth": 1.0})
@@ -128,7 +132,8 @@ def test_save_pretrained_keeps_the_controlnets(sd_controlnets, tmp_path):
     load_controlnets bring them back with the same weights."""
     _, pipe, nets, _ = sd_controlnets
     pipe.save_pretrained(tmp_path / "p")
-    assert sorted(p.parent.name for p in (tmp_path / "p" / "controlnets").glob("*/diffusion_pytorch_model.safetensors")) == sorted(nets)
+    saved = (tmp_path / "p" / "controlnets").glob("*/diffusion_pytorch_model.safetensors")
+    assert sorted(p.parent.name for p in saved) == sorted(nets)
     loaded = ModalityBlendPipeline.from_pretrained(tmp_path / "p")
     assert sorted(loaded.controlnets) == sorted(nets)
     for name, net in nets.items():
