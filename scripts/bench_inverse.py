@@ -83,8 +83,8 @@ def splits(val_per_class: int, test_per_class: int):
 
 def sweep(quick: bool) -> dict:
     """method -> list of (label, pipeline method, steps, method_kwargs)."""
-    red_lrs, red_steps, official = ((0.1, 0.25), (15,), 15) if quick else ((0.05, 0.1, 0.25), (100, 1000), 1000)
-    zetas, dps_steps = ((1.0, 2.0), (15,)) if quick else ((0.3, 1.0), (250, 1000))
+    red_lrs, red_steps, official = ((0.1, 0.25), (15,), 15) if quick else ((0.025, 0.05, 0.1, 0.25), (100, 1000), 1000)
+    zetas, dps_steps = ((1.0, 2.0), (15,)) if quick else ((0.3, 1.0, 3.0), (250, 1000))
     return {
         "RED-Diff": [(f"lr {lr}, {n} steps", "red_diff", n, {"lr": lr, "lam": 1.0}) for lr, n in itertools.product(red_lrs, red_steps)],
         "RED-Diff, model's own timesteps": [(f"lr 0.1, {official} steps", "red_diff", official,
