@@ -33,14 +33,23 @@ first-order adjoint in lambda).
 - ``"torchdiffeq"``: ``torchdiffeq.odeint_adjoint`` on the same ODE and grid in rho with any fixed-grid
   method (Euler for order 1, as the paper's code; midpoint for order 2; rk4 on request), the network at the
   continuous t(rho); it stores the state at every grid point (O(steps) memory) and resets to it during the
-  backward pass.
+  backward pass. Its explicit integrators diverge backwards where rho is large and falls fast (the adjoint's
+  a / rho term: the cosine schedule reaches rho = 2e4 at t = 999 and its next linspace points are 16, 8, 5.3, ...),
+  so grid intervals that start above rho = 10 (``TORCHDIFFEQ_MAX_RHO``) are taken by the integrator's own steps
+  and differentiated exactly (their transpose, by checkpointed backprop), and odeint_adjoint starts below. On
+  the cosine schedule (tests/test_adjoint.py) this turns a gradient 1e3-1e6 times too large into one that
+  converges with the steps; starting below rho = 100 instead stops the blow-up but leaves Euler 81% off at any
+  step count, as the intervals just below 100 still span rho ratios of 2.
 - ``"checkpoint"``: the exact gradient of the discrete sampler by backprop, recomputing each step's
   activations (``torch.utils.checkpoint``); memory O(steps x latent).
 - ``"autograd"``: plain backprop through the loop (memory grows with steps x activations).
 
-The grid must end at a model timestep (>= 0; the official code stops at sigma_min too) because the backward
-pass evaluates the network at the end point. Guidance inside the ODE is supported when it is stateless
-(CFG, APG without momentum, CFG-rescale, intervals).
+Any Gaussian path works, VP or flow matching: y = x / alpha and rho = sigma / alpha are defined on both (on the
+flow path alpha = 1 - sigma, so rho = sigma / (1 - sigma)), and the grid may be a plain timestep array or a
+``StepGrid``. It must start where alpha > 0 and end at a noise level sigma > 0 (the official code stops at
+sigma_min too), since the backward pass evaluates the network at the end point: ``adjoint_timesteps`` builds
+such a grid. Guidance inside the ODE is supported when it is stateless (CFG, APG without momentum, CFG-rescale,
+intervals).
 """
 
 import math
@@ -49,15 +58,30 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .denoiser import Denoiser, StepState
+from .schedule import StepGrid, shift_sigmas
 
 
 BACKENDS = ("adjoint", "torchdiffeq", "checkpoint", "autograd")
 TORCHDIFFEQ_METHODS = ("euler", "midpoint", "heun3", "rk4", "explicit_adams", "implicit_adams")  # fixed-grid
+TORCHDIFFEQ_MAX_RHO = 10.0  # intervals starting above it: exact steps, not torchdiffeq's explicit adjoint
 
 
-def adjoint_timesteps(denoiser: Denoiser, num_inference_steps: int) -> torch.Tensor:
-    """n + 1 linspace timesteps from t = N - 1 down to t = 0, rounded: n steps in rho."""
-    return denoiser.schedule.timesteps(num_inference_steps, "linspace", end=0.0, grid_includes_end=True)
+def adjoint_timesteps(denoiser: Denoiser, num_inference_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """n + 1 timesteps, n steps in rho. VP: linspace from t = N - 1 down to t = 0, rounded. Flow matching (in flow
+    time, t = N sigma): sigma evenly spaced from 1 - 1/N (DPM-Solver's flow-sigma start: alpha > 0) down to 1/N,
+    shifted by ``shift`` as the model's scheduler shifts (SD3: 3; with dynamic shifting e^mu)."""
+    schedule = denoiser.schedule
+    if schedule.path == "flow":
+        n, N = int(num_inference_steps), schedule.num_train_timesteps
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+        sigmas = shift_sigmas(torch.linspace(1 - 1 / N, 1 / N, n + 1, dtype=torch.float64), float(shift))
+        return N * sigmas
+    if shift != 1.0:
+        raise ValueError(f"shift applies to flow-matching schedules, got shift={shift} for a VP schedule")
+    return schedule.timesteps(num_inference_steps, "linspace", end=0.0, grid_includes_end=True)
 
 
 class RhoODE:
@@ -67,11 +91,19 @@ class RhoODE:
     def __init__(
         self, denoiser: Denoiser, timesteps, cond=None, uncond=None, guidance=None, order: int = 2, method=None
     ):
-        ts = torch.as_tensor(timesteps, dtype=torch.float64)
-        if ts[-1] < 0:
-            raise ValueError("the adjoint grid must end at a model timestep >= 0 (use adjoint_timesteps)")
-        if len(ts) < 2 or torch.any(ts[1:] >= ts[:-1]):
-            raise ValueError(f"timesteps must be strictly decreasing with >= 2 entries, got {ts.tolist()}")
+        if isinstance(timesteps, StepGrid):
+            grid = timesteps
+        else:
+            ts = torch.as_tensor(timesteps, dtype=torch.float64)
+            if len(ts) < 2 or torch.any(ts[1:] >= ts[:-1]):
+                raise ValueError(f"timesteps must be strictly decreasing with >= 2 entries, got {ts.tolist()}")
+            grid = StepGrid.from_timesteps(denoiser.schedule, ts)
+        if grid.sigma[-1] == 0:
+            raise ValueError("the adjoint grid must end at a model timestep with sigma > 0, not clean data (use adjoint_timesteps)")
+        if grid.alpha[0] == 0:
+            raise ValueError("the adjoint grid must start where alpha > 0 (y = x / alpha), not at pure noise (use adjoint_timesteps)")
+        if grid.jumps or any(not r1 < r0 for r0, r1 in zip(grid.rho, grid.rho[1:])):
+            raise ValueError("the adjoint needs a grid that steps from entry to entry with strictly falling rho")
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order!r}")
         if method is not None and method not in TORCHDIFFEQ_METHODS:
@@ -81,11 +113,10 @@ class RhoODE:
         self.denoiser, self.cond, self.uncond, self.guidance = denoiser, dict(cond or {}), uncond, guidance
         self.order = order
         self.method = method or ("euler" if order == 1 else "midpoint")
-        self.alpha = denoiser.schedule.alpha(ts).tolist()
-        self.sigma = denoiser.schedule.sigma(ts).tolist()
-        self.rho = [s / a for s, a in zip(self.sigma, self.alpha)]
-        self.t = ts.float()
-        self.n = n = len(ts) - 1
+        self.grid = grid
+        self.alpha, self.sigma, self.rho = grid.alpha, grid.sigma, grid.rho
+        self.t = grid.model_timesteps()
+        self.n = n = grid.num_steps
         # y_{i+1} = r_i y_i + p_i D_i + q_i D_{i-1}; the first step has no history, and like diffusers'
         # lower_order_final the last one is first order on short grids, where its lambda step is longest.
         self.r = [self.rho[i + 1] / self.rho[i] for i in range(n)]
@@ -200,20 +231,29 @@ def _torchdiffeq(ode: RhoODE, x_T: torch.Tensor, params: list) -> torch.Tensor:
     schedule = ode.denoiser.schedule
     rho = torch.tensor(ode.rho, dtype=torch.float64)
 
+    # intervals starting above TORCHDIFFEQ_MAX_RHO: the integrator's own steps, differentiated exactly
+    y, d = x_T / ode.alpha[0], None
+    k = 0
+    while k < ode.n and ode.rho[k] > TORCHDIFFEQ_MAX_RHO:
+        y, d = checkpoint(ode.step, y, d, k, ode.cond, use_reentrant=False)
+        k += 1
+    if k == ode.n:
+        return y * ode.alpha[-1]
+
     class Field(torch.nn.Module):
         # conditioning tensors ride along in the state with zero derivative, so their adjoint is dL/dc
         def forward(self, r, state):
             y, *cs = state
-            r = r.detach().double()
+            r = r.detach().double().clamp(rho[-1], rho[0])  # the grid went through x_T's dtype: undo its rounding
             t = schedule.timestep_at_rho(r)
-            alpha = float(1 / torch.sqrt(1 + r**2))
+            alpha = float(schedule.alpha_at_rho(r))
             i = int(torch.argmin((rho - r).abs()))  # the step index guidance intervals see
             step = StepState(i, ode.n, t.float().to(y.device), alpha, float(r) * alpha, alpha * y)
             d = ode.denoiser.guided_x0(step, {**ode.cond, **dict(zip(keys, cs))}, ode.uncond, ode.guidance)
             return ((y - d) / float(r), *[torch.zeros_like(c) for c in cs])
 
-    state = (x_T / ode.alpha[0], *[ode.cond[k] for k in keys])
-    grid = rho.to(dtype=x_T.dtype, device=x_T.device)
+    state = (y, *[ode.cond[key] for key in keys])
+    grid = rho[k:].to(dtype=x_T.dtype, device=x_T.device)
     ys = odeint_adjoint(Field(), state, grid, method=ode.method, adjoint_params=tuple(params))
     return ys[0][-1] * ode.alpha[-1]
 

@@ -12,8 +12,10 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from .assets import CLASSIFIER
 
-CLASSIFIER_PATH = Path(__file__).resolve().parents[1] / "assets" / "classifier"
+
+CLASSIFIER_PATH = CLASSIFIER
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

@@ -1,44 +1,66 @@
-"""Denoiser: a diffusers UNet plus its noise schedule and prediction type, seen as x0 / eps / v predictions.
+"""Denoiser: a diffusers network plus its noise schedule and prediction type, seen as x0 / eps / v / flow predictions.
 
 The network knows nothing of schedules; the solvers know nothing of networks. This wrapper is the one place
-where a raw model output becomes a denoised estimate, and where conditioning reaches the network.
+where a raw model output becomes a denoised estimate, and where conditioning reaches the network. What the
+solvers need of it is written down as ``SolverDenoiser``; what it needs of a network as ``DiffusersModel``.
 """
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, is_flow_config
 
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
+ALIASES = {"flow_prediction": "flow"}  # diffusers' config name for "flow"
+
+
+def _prediction_type(name: str) -> str:
+    name = ALIASES.get(name, name)
+    if name not in PREDICTION_TYPES:
+        raise ValueError(f"prediction type must be one of {PREDICTION_TYPES} (or 'flow_prediction'), got {name!r}")
+    return name
 
 
 def convert(pred: torch.Tensor, source: str, target: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
-    """Convert a prediction between "epsilon", "sample" (x0) and "v_prediction" at x_t = alpha x0 + sigma eps.
+    """Convert a prediction between "epsilon", "sample" (x0), "v_prediction" and "flow" at x = alpha x0 + sigma eps.
 
-    With v = alpha eps - sigma x0: x0 = alpha x - sigma v, eps = alpha v + sigma x (Salimans & Ho 2022).
+    v = alpha eps - sigma x0 (Salimans & Ho 2022): x0 = (alpha x - sigma v) / (alpha^2 + sigma^2), which is
+    alpha x - sigma v on a VP path. "flow" is the flow-matching velocity u = eps - x0 (Lipman et al. 2023; SD3 and
+    Flux predict it): x0 = (x - sigma u) / (alpha + sigma), which is x - sigma u on the flow path alpha = 1 - sigma.
+    diffusers' name "flow_prediction" is accepted for "flow".
     """
-    for name in (source, target):
-        if name not in PREDICTION_TYPES:
-            raise ValueError(f"prediction type must be one of {PREDICTION_TYPES}, got {name!r}")
+    source, target = _prediction_type(source), _prediction_type(target)
     if source == target:
         return pred
+    norm = alpha * alpha + sigma * sigma  # 1 on a VP path (up to rounding), where v needs no normalisation
+    off = (norm - 1).abs().max().item() if torch.is_tensor(norm) else abs(norm - 1)
+    vp = off < 1e-6
     # to x0 first ...
     if source == "epsilon":
         x0 = (x - sigma * pred) / alpha
     elif source == "v_prediction":
-        x0 = alpha * x - sigma * pred
+        x0 = alpha * x - sigma * pred if vp else (alpha * x - sigma * pred) / norm
+    elif source == "flow":
+        x0 = (x - sigma * pred) / (alpha + sigma)
     else:
         x0 = pred
     # ... then to the target
     if target == "sample":
         return x0
+    # exact even where alpha = 0
     if source == "v_prediction" and target == "epsilon":
-        return alpha * pred + sigma * x  # exact even where alpha = 0
+        return alpha * pred + sigma * x if vp else (alpha * pred + sigma * x) / norm
+    if source == "flow" and target == "epsilon":
+        return (x + alpha * pred) / (alpha + sigma)
     eps = pred if source == "epsilon" else (x - alpha * x0) / sigma
     if target == "epsilon":
         return eps
+    if target == "flow":
+        return eps - x0
     return alpha * eps - sigma * x0
 
 
@@ -48,10 +70,11 @@ class StepState:
 
     step: int  # index of the current step, 0-based
     num_steps: int
-    t: torch.Tensor  # model timestep
-    alpha: torch.Tensor
-    sigma: torch.Tensor
-    x: torch.Tensor  # the current noisy sample
+    t: torch.Tensor  # the model's timestep input
+    alpha: float
+    sigma: float
+    x: torch.Tensor  # the current noisy sample, x = alpha x0 + sigma eps
+    prediction_type: str | None = None  # the network's, set by Denoiser.guided_x0 for guidance in space "model"
 
 
 def _batch_cat(a, b):
@@ -67,6 +90,31 @@ def _batch_cat(a, b):
     return a  # scalars such as a conditioning scale are shared
 
 
+@runtime_checkable
+class SolverDenoiser(Protocol):
+    """What ``sample_*`` (and the adjoint, modality blending, PiGDM) need of their ``denoiser`` argument.
+
+    ``guided_x0(state, cond, uncond, guidance)`` returns the (guided) x0 estimate for the sample ``state.x`` at
+    ``state.t`` / ``state.alpha`` / ``state.sigma``; it owns the network calls, the conversion from the network's
+    prediction type and the batching of the conditional and unconditional passes. ``schedule`` turns a plain
+    timestep array into a ``StepGrid`` (a solver given a grid does not read it). ``Denoiser`` follows this; so do
+    wrappers such as PiGDM's pseudo-inverse-guided view, which change what x0 means and delegate the rest.
+    """
+
+    schedule: NoiseSchedule
+
+    def guided_x0(self, state: "StepState", cond: dict | None, uncond: dict | None, guidance) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class DiffusersModel(Protocol):
+    """What ``Denoiser`` needs of its network: diffusers' call convention, ``model(x, t, **cond, return_dict=False)``
+    returning a tuple whose first element is the prediction (in the Denoiser's ``prediction_type``). diffusers'
+    UNets follow it, and so does DFM's ``RenderedX0``."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *args, **kwargs): ...
+
+
 class Denoiser:
     """``Denoiser(unet, schedule, prediction_type)(x, t, cond)`` runs the network; ``x0``/``eps``/``v`` convert.
 
@@ -79,14 +127,18 @@ class Denoiser:
     """
 
     def __init__(self, model, schedule: NoiseSchedule, prediction_type: str = "epsilon", controlnet=None):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        self.model, self.schedule, self.prediction_type, self.controlnet = model, schedule, prediction_type, controlnet
+        if ALIASES.get(prediction_type, prediction_type) not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} (or 'flow_prediction'), got {prediction_type!r}")
+        self.model, self.schedule, self.controlnet = model, schedule, controlnet
+        self.prediction_type = _prediction_type(prediction_type)
 
     @classmethod
     def from_pipeline_components(cls, unet, scheduler, controlnet=None) -> "Denoiser":
-        config = scheduler.config
-        return cls(unet, NoiseSchedule.from_config(config), config.get("prediction_type", "epsilon"), controlnet)
+        """From a network and its diffusers scheduler: the schedule its config describes and its prediction type
+        (a FlowMatch scheduler's model predicts the flow velocity)."""
+        config = {**scheduler.config, "_class_name": type(scheduler).__name__}
+        default = "flow" if is_flow_config(config) else "epsilon"
+        return cls(unet, NoiseSchedule.from_config(config), config.get("prediction_type", default), controlnet)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         """The raw network output (in ``self.prediction_type``) at model timestep t."""
@@ -127,4 +179,4 @@ class Denoiser:
         xx = torch.cat([x, x])
         out = self(xx, t, _batch_cat(cond, uncond))
         x0_cond, x0_uncond = convert(out, self.prediction_type, "sample", xx, state.alpha, state.sigma).chunk(2)
-        return guidance(x0_cond, x0_uncond, state)
+        return guidance(x0_cond, x0_uncond, dataclasses.replace(state, prediction_type=self.prediction_type))

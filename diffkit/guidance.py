@@ -1,8 +1,10 @@
 """Guidance rules. Each gets the conditional and unconditional predictions of one step in x0 space and
-returns the guided x0; ``space`` selects the parameterisation the rule acts in ("x0", "eps" or "v").
+returns the guided x0; ``space`` selects the parameterisation the rule acts in ("x0", "eps", "v", "flow", or
+"model": the network's own prediction type, where diffusers pipelines apply guidance).
 
 Scale convention (diffusers' and the APG paper's): ``guidance_scale`` w gives uncond + w (cond - uncond);
-w = 1 is the conditional model alone.
+w = 1 is the conditional model alone. ``Guidance.from_diffusers(guider)`` runs any diffusers guider
+(``diffusers.guiders``) that combines one conditional and one unconditional prediction.
 """
 
 from abc import ABC, abstractmethod
@@ -12,7 +14,7 @@ import torch
 from .denoiser import StepState, convert
 
 
-SPACES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
+SPACES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction", "flow": "flow", "model": None}
 
 
 def _check_interval(name, interval):
@@ -55,8 +57,22 @@ class Guidance(ABC):
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor, state: StepState) -> torch.Tensor:
         """The rule itself, on predictions in ``self.space``."""
 
+    def _space(self, state: StepState) -> str:
+        """The prediction type the rule acts on at this step. Where alpha = 0 (pure noise: a flow model's first
+        step, zero terminal SNR) every eps prediction is x / sigma and carries nothing of x0, so an eps-space rule
+        acts in x0 space there."""
+        space = SPACES[self.space] if self.space != "model" else state.prediction_type
+        if space is None:
+            raise ValueError("space='model' needs the network's prediction type, which Denoiser.guided_x0 puts in the step state")
+        return "sample" if space == "epsilon" and state.alpha == 0 else space
+
+    @classmethod
+    def from_diffusers(cls, guider, space: str = "model") -> "Guidance":
+        """A diffusers guider (``diffusers.guiders``) as a diffkit rule; see ``DiffusersGuider``."""
+        return DiffusersGuider(guider, space)
+
     def __call__(self, x0_cond: torch.Tensor, x0_uncond: torch.Tensor, state: StepState) -> torch.Tensor:
-        space = SPACES[self.space]
+        space = self._space(state)
         to = lambda p: convert(p, "sample", space, state.x, state.alpha, state.sigma)  # noqa: E731
         guided = self.guide(to(x0_cond), to(x0_uncond), state)
         return convert(guided, space, "sample", state.x, state.alpha, state.sigma)
@@ -130,7 +146,7 @@ class Rescaled(Guidance):
 
     def __call__(self, x0_cond, x0_uncond, state):
         guided_x0 = self.base(x0_cond, x0_uncond, state)
-        space = SPACES[self.space]
+        space = self._space(state)
         guided = convert(guided_x0, "sample", space, state.x, state.alpha, state.sigma)
         cond = convert(x0_cond, "sample", space, state.x, state.alpha, state.sigma)
         return convert(self.guide(cond, guided, state), space, "sample", state.x, state.alpha, state.sigma)
@@ -141,16 +157,77 @@ class Rescaled(Guidance):
         return self.phi * rescaled + (1 - self.phi) * guided
 
 
+class DiffusersGuider(Guidance):
+    """A diffusers guider (``diffusers.guiders``) on diffkit's solvers.
+
+    Each step runs diffusers' per-step protocol on the guider, as its modular pipelines do: ``set_state(step,
+    num_inference_steps, timestep)`` and ``prepare_inputs`` (where APG resets its momentum at step 0) in
+    ``is_active``, which skips the unconditional pass where the guider asks for one condition (its start / stop
+    window, a scale of 1); then ``forward(pred_cond, pred_uncond)`` on the predictions in ``space``. diffusers
+    applies guiders to the network's raw output, so the default space is "model" (eps for SD 1.x / 2.x / SDXL,
+    the flow velocity for SD3 / Flux); any other space of diffkit's can be chosen.
+
+    Guiders that need more than one conditional and one unconditional prediction, or that modify the network for
+    a pass (PAG, skip-layer guidance, SEG, AutoGuidance, LTX-2's guidance), are refused: diffkit's guidance sees
+    those two predictions only.
+    """
+
+    def __init__(self, guider, space: str = "model"):
+        from diffusers.guiders import BaseGuidance
+
+        if not isinstance(guider, BaseGuidance):
+            raise TypeError(f"guider must be a diffusers guider (diffusers.guiders.BaseGuidance), got {type(guider).__name__}")
+        name = type(guider).__name__
+        if list(guider._input_predictions) != ["pred_cond", "pred_uncond"]:
+            raise ValueError(f"{name} combines the predictions {guider._input_predictions}; diffkit's guidance runs "
+                             "guiders of one conditional and one unconditional prediction (pred_cond, pred_uncond)")
+        if type(guider).prepare_models is not BaseGuidance.prepare_models:
+            raise ValueError(f"{name} modifies the network for one of its passes (prepare_models); diffkit's guidance "
+                             "sees the plain network's conditional and unconditional predictions only")
+        self.guider = guider
+        scale = getattr(guider, "guidance_scale", None)
+        super().__init__(float(scale) if isinstance(scale, (int, float)) else 0.0, space)
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guider's own scale (where it has one), so that setting it here (diffusers' callbacks change
+        ``pipe._guidance_scale``) changes the guider."""
+        return getattr(self.guider, "guidance_scale", self._scale)
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        self._scale = value
+        if isinstance(getattr(self.guider, "guidance_scale", None), (int, float)):
+            self.guider.guidance_scale = value
+
+    @property
+    def momentum(self) -> float:
+        """APG's momentum, if the guider keeps one (stateful along a run: the adjoint refuses it)."""
+        return getattr(self.guider, "adaptive_projected_guidance_momentum", None) or 0.0
+
+    def is_active(self, state: StepState) -> bool:
+        self.guider.set_state(state.step, state.num_steps, state.t)
+        self.guider.prepare_inputs({})
+        # CFG-Zero* zeroes its first steps' prediction whether or not guidance is on there
+        return self.guider.num_conditions > 1 or state.step < getattr(self.guider, "zero_init_steps", 0)
+
+    def guide(self, cond, uncond, state):
+        return self.guider.forward(pred_cond=cond, pred_uncond=uncond).pred
+
+
 GUIDANCES = {"cfg": CFG, "apg": APG}
 
 
 def make_guidance(name: str | Guidance | None, guidance_scale: float, guidance_rescale: float = 0.0, **kwargs) -> Guidance | None:
-    """A guidance rule from its registry name (or an instance), optionally wrapped in CFG-rescale.
+    """A guidance rule from its registry name (or an instance, or a diffusers guider), optionally wrapped in
+    CFG-rescale.
     ``None`` = no guidance; ``kwargs`` go to the rule (APG's eta, norm_threshold, momentum; sigma_range,
     step_range for an interval)."""
     if name is None:
         return None
-    if not isinstance(name, Guidance):
+    if type(name).__module__.startswith("diffusers.guiders"):
+        name = Guidance.from_diffusers(name, **kwargs)
+    elif not isinstance(name, Guidance):
         if name not in GUIDANCES:
             raise ValueError(f"guidance must be one of {sorted(GUIDANCES)} or a Guidance instance, got {name!r}")
         name = GUIDANCES[name](guidance_scale, **kwargs)

@@ -17,14 +17,12 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Ho et al. (2020) simple loss: noise x0 at uniform integer t, regress the network on its target
-    (eps, x0 or v) with mean squared error."""
+    (eps, x0, v or the flow velocity) with mean squared error."""
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    shape = (b,) + (1,) * (x0.ndim - 1)
-    alpha = schedule.alpha(t.cpu()).to(x0.device, x0.dtype).view(shape)
-    sigma = schedule.sigma(t.cpu()).to(x0.device, x0.dtype).view(shape)
-    x_t = alpha * x0 + sigma * eps
+    alpha, sigma = schedule.coefficients(t, x0)
+    x_t = schedule.add_noise(x0, eps, t)
     target = convert(eps, "epsilon", prediction_type, x_t, alpha, sigma)
     pred = model(x_t, t, **(cond or {}), return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred.float(), target.float())

@@ -3,12 +3,14 @@
 from .adjoint import AdjointDPMPipeline
 from .forward_model import ForwardModelPipeline, ForwardModelPipelineOutput
 from .guided import GuidedPipeline, GuidedPipelineOutput
+from .loading import load_pipeline
 from .modality_blend import ModalityBlendPipeline
-from .red_diff import RedDiffPipeline
+from .inverse import InverseProblemPipeline, RedDiffPipeline
 
 
-# _class_name in model_index.json -> class, for diffkit.load_pipeline
-PIPELINES = {"GuidedPipeline": GuidedPipeline, "AdjointDPMPipeline": AdjointDPMPipeline, "RedDiffPipeline": RedDiffPipeline,
+# _class_name in model_index.json -> class, for load_pipeline
+PIPELINES = {"GuidedPipeline": GuidedPipeline, "AdjointDPMPipeline": AdjointDPMPipeline, "InverseProblemPipeline": InverseProblemPipeline,
+             "RedDiffPipeline": RedDiffPipeline,
              "ForwardModelPipeline": ForwardModelPipeline, "ModalityBlendPipeline": ModalityBlendPipeline}
 
-__all__ = ["AdjointDPMPipeline", "ForwardModelPipeline", "ForwardModelPipelineOutput", "GuidedPipeline", "GuidedPipelineOutput", "ModalityBlendPipeline", "PIPELINES", "RedDiffPipeline"]
+__all__ = ["AdjointDPMPipeline", "ForwardModelPipeline", "ForwardModelPipelineOutput", "GuidedPipeline", "GuidedPipelineOutput", "InverseProblemPipeline", "ModalityBlendPipeline", "PIPELINES", "RedDiffPipeline", "load_pipeline"]

@@ -1,17 +1,24 @@
 """AdjointDPMPipeline: sampling whose images are differentiable with respect to the initial noise, the
 conditioning and chosen network parameters, by the adjoint ODE (Pan et al., ICLR 2024).
 
-The same components and conditioning as GuidedPipeline; ``__call__`` keeps autograd on, and ``optimize``
-runs the paper's use: gradient steps on any of those inputs against a loss on the generated images.
+The same components and conditioning as GuidedPipeline (every family: pixel class-conditional, SD 1.x / 2.x,
+SDXL, SD3 and Flux, the last two in flow time); ``__call__`` keeps autograd on, and ``optimize`` runs the paper's
+use: gradient steps on any of those inputs against a loss on the generated images.
 """
 
 import torch
 
 from diffkit.adjoint import RhoODE, adjoint_timesteps
-from diffkit.denoiser import Denoiser
-from diffkit.guidance import make_guidance
 
-from .guided import GuidedPipeline, GuidedPipelineOutput
+from .base import (
+    GuidedPipelineOutput,
+    check_finite,
+    check_output_type,
+    check_positive_int,
+    check_solver_options,
+    make_rule,
+)
+from .guided import GuidedPipeline
 
 
 class AdjointDPMPipeline(GuidedPipeline):
@@ -32,8 +39,10 @@ class AdjointDPMPipeline(GuidedPipeline):
         negative_prompt=None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         guidance="cfg",
         guidance_kwargs: dict | None = None,
         generator=None,
@@ -43,48 +52,63 @@ class AdjointDPMPipeline(GuidedPipeline):
         solver_order: int = 2,
         output_type: str = "pt",
         return_dict: bool = True,
+        *,
+        num_images_per_prompt: int = 1,
+        guidance_rescale: float = 0.0,
+        **text_options,
     ):
         r"""Generate differentiable images.
 
         Args:
-            class_labels / prompt / prompt_embeds: the conditioning, as in `GuidedPipeline`; `prompt_embeds`
-                that require grad receive gradients.
+            class_labels / prompt / prompt_embeds: the conditioning, as in `GuidedPipeline`; `prompt_embeds` (and
+                SDXL / SD3 / Flux's `pooled_prompt_embeds`, the negative ones too) that require grad receive gradients.
             class_embeds (`torch.Tensor`, *optional*): continuous class embeddings (B, D) replacing the label
                 lookup of a class-conditional UNet; they receive gradients when they require grad.
+            height, width (`int`, *optional*): the image size (default: the model's own).
+            guidance_scale (`float`, *optional*): as in `GuidedPipeline` (default: the family's).
             latents (`torch.Tensor`, *optional*): the initial noise x_T; receives gradients if it requires grad.
             params (iterable of parameters): network parameters to differentiate (e.g. a LoRA or one layer).
             gradient_backend (`str`, defaults to "adjoint"): "adjoint", "torchdiffeq", "checkpoint" or "autograd".
             solver_order (`int`, defaults to 2): 2 for DPM-Solver++(2M) steps in rho and their transposes, 1 for
                 DDIM (the paper's Euler in rho).
             output_type (`str`, defaults to "pt"): "pt" and "latent" keep the graph; "np" and "pil" detach.
-        """
-        self.check_inputs(class_labels, prompt, prompt_embeds, num_inference_steps, output_type, None)
-        device = self._execution_device
-        if class_labels is not None:
-            cond, uncond = self._class_conditioning(class_labels, 1, device)
-            batch = len(cond["class_labels"])
-            if class_embeds is not None:
-                if class_embeds.shape[0] != batch:
-                    raise ValueError(f"class_embeds must have one row per label ({batch}), got {tuple(class_embeds.shape)}")
-                cond["class_embeds"] = class_embeds
-                uncond["class_embeds"] = self.unet.class_embedding(uncond["class_labels"]).detach()
-        else:
-            cond, uncond = self._text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, 1, device)
-            batch = len(cond["encoder_hidden_states"])
-        rule = make_guidance(guidance, guidance_scale, **(guidance_kwargs or {}))
-        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator).to(device, self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            num_images_per_prompt, guidance_rescale, text_options (``pooled_prompt_embeds``, ``prompt_2``,
+                ``max_sequence_length``, ``embedded_guidance_scale``, ...): as in `GuidedPipeline`.
 
-        denoiser = Denoiser.from_pipeline_components(self.unet, self.scheduler)
-        timesteps = adjoint_timesteps(denoiser, num_inference_steps)
-        ode = RhoODE(denoiser, timesteps, cond, uncond if rule else None, rule, order=solver_order)
+        The walk is the adjoint's own grid (``diffkit.adjoint.adjoint_timesteps``): n steps evenly spaced in the
+        model's timesteps, in flow time for SD3 / Flux with their scheduler's shift at this size.
+        """
+        self.check_conditioning(class_labels, prompt, prompt_embeds)
+        check_solver_options(None, num_inference_steps, 0.0)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        check_finite("guidance_scale", guidance_scale)
+        check_output_type(output_type)
+        if solver_order not in (1, 2):
+            raise ValueError(f"solver_order must be 1 (DDIM) or 2 (DPM-Solver++(2M)), got {solver_order!r}")
+        device = self._execution_device
+        height, width = self.check_size(height, width)
+        rule = make_rule(guidance, guidance_scale, guidance_rescale, guidance_kwargs)
+        cond, uncond, batch = self.encode_condition(
+            class_labels, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, device,
+            do_guidance=self.uses_guidance(rule, guidance_scale), height=height, width=width, **text_options)
+        if class_embeds is not None:
+            if class_labels is None:
+                raise ValueError("class_embeds replace the label lookup of a class-conditional model: pass class_labels too")
+            if class_embeds.ndim != 2 or class_embeds.shape[0] != batch:
+                raise ValueError(f"class_embeds must have one row per label ({batch}), got {tuple(class_embeds.shape)}")
+            if not torch.isfinite(class_embeds).all():
+                raise ValueError("class_embeds contain NaN or inf")
+            cond["class_embeds"] = class_embeds
+            if uncond is not None:
+                uncond["class_embeds"] = self.unet.class_embedding(uncond["class_labels"]).detach()
+        latents = self.prepare_latents(batch, height, width, generator, latents, device)
+
+        denoiser = self.denoiser()
+        timesteps = adjoint_timesteps(denoiser, num_inference_steps, shift=self.flow_shift(height, width))
+        ode = RhoODE(denoiser, timesteps, cond, uncond, rule, order=solver_order)
         x0 = ode.sample(latents, params, gradient_backend)
-        if output_type in ("np", "pil"):
-            x0 = x0.detach()
-        images = self._decode(x0, output_type)
+        images = self.decode(x0, output_type)
         return GuidedPipelineOutput(images=images) if return_dict else (images,)
 
     def optimize(self, loss_fn, variables, iterations: int = 20, lr: float = 0.05, **call_kwargs) -> list[float]:

@@ -3,8 +3,10 @@
 The masked region of an image is filled by the pipeline's diffusion model with diffkit's solvers and guidance,
 steered by control images (edges, low resolution, ink mask, ... each with its own T2I-Adapter in
 ``pipe.adapters``) either by consistent modality blending (``blend="cmb"``, the paper's method) or by summing the
-adapters' features (``blend="sum"``, what diffusers' MultiAdapter does). Pixel-space models only: the known region
-is kept RePaint-style, as diffusers' inpainting pipelines do for UNets without mask channels.
+adapters' features (``blend="sum"``, what diffusers' MultiAdapter does). The known region is kept RePaint-style, as
+diffusers' inpainting pipelines do for UNets without mask channels. Pixel models (the default model, class labels)
+and latent text UNets (SD 1.x / 2.x with T2I-Adapters, MaGIC's own setting; SDXL) are supported; SD3 / Flux
+transformers have no encoder whose features could be blended and are refused.
 """
 
 from pathlib import Path
@@ -12,16 +14,13 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+import torch.nn.functional as F
 
 from diffkit.blend import MODES, Modality, adapter_features, complete, load_adapters
-from diffkit.denoiser import Denoiser
-from diffkit.guidance import make_guidance
-from diffkit.solvers import get_solver, make_timesteps
+from diffkit.inverse import VaeDecoder
 
-from .guided import OUTPUT_TYPES, GuidedPipeline, GuidedPipelineOutput
+from .base import GuidedPipelineOutput, check_eta, check_finite, check_output_type, check_solver_options, make_rule
+from .guided import GuidedPipeline
 
 ADAPTERS_FOLDER = "adapters"  # beside the diffusers components in a saved pipeline
 
@@ -44,6 +43,8 @@ def _as_batch(value, name: str, channels: int, shape: tuple[int, int], batch: in
         raise ValueError(f"{name} holds {value.shape[0]} images for a batch of {batch}")
     if not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or inf")
+    if not binary and (value.min() < -1 - 1e-3 or value.max() > 1 + 1e-3):
+        raise ValueError(f"{name} must hold values in [-1, 1] (images), got [{value.min():.3g}, {value.max():.3g}]")
     if binary and not torch.all((value == 0) | (value == 1)):
         raise ValueError(f"{name} must hold only 0 (keep) and 1 (fill)")
     value = value.float().to(device)
@@ -60,16 +61,14 @@ class ModalityBlendPipeline(GuidedPipeline):
         >>> images = pipe(image, mask_image, control_images=controls, generator=torch.manual_seed(0)).images
     """
 
-    def __init__(
-        self,
-        unet: UNet2DModel | UNet2DConditionModel,
-        scheduler: SchedulerMixin,
-        text_encoder: CLIPTextModel | None = None,
-        tokenizer: CLIPTokenizer | None = None,
-        vae: AutoencoderKL | None = None,
-    ):
-        super().__init__(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
-        self.adapters = {}
+    @property
+    def adapters(self) -> dict:
+        """{modality: T2I-Adapter} this pipeline blends; set it, or fill it with ``load_adapters``."""
+        return self.__dict__.setdefault("_adapters", {})
+
+    @adapters.setter
+    def adapters(self, value: dict) -> None:
+        self.__dict__["_adapters"] = dict(value)
 
     def load_adapters(self, folder=None, names=None) -> None:
         """Add the adapters under ``folder`` (default: the ones trained for the default model)."""
@@ -106,7 +105,7 @@ class ModalityBlendPipeline(GuidedPipeline):
         blend_layers: list[int] | None = None,
         class_labels: int | list[int] | None = None,
         num_inference_steps: int = 50,
-        solver: str = "ddim",
+        solver: str | None = "ddim",
         eta: float = 0.0,
         guidance: str | None = None,
         guidance_scale: float = 1.0,
@@ -115,6 +114,14 @@ class ModalityBlendPipeline(GuidedPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
+        *,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        **text_options,
     ) -> GuidedPipelineOutput | tuple:
         r"""Complete ``image`` where ``mask_image`` is 1.
 
@@ -134,17 +141,26 @@ class ModalityBlendPipeline(GuidedPipeline):
                 sigma_t^2 / alpha_t^2 reaches 4e8 at t = 999 where Stable Diffusion's stays below 220. None: no cap.
             blend_layers (`list[int]`, *optional*): which encoder features the blending matches (default all).
             class_labels: condition a class-conditional model on these classes (default: the null class).
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, text_options: a text model's conditioning
+                (SD 1.x / 2.x: MaGIC's own setting; SDXL), one prompt per image or one for all; default the empty
+                prompt. As in `GuidedPipeline`.
+            height, width (`int`, *optional*): the image size (default: the model's own).
             num_inference_steps, solver, eta, guidance, guidance_scale, generator, latents, output_type,
-            return_dict, callback_on_step_end: as in GuidedPipeline.
+            return_dict, callback_on_step_end: as in GuidedPipeline (``solver=None``: the scheduler's own).
+
+        On a latent model (a VAE) the image is encoded (the posterior mean), the mask is max-pooled to the latent grid
+        (a latent pixel is filled if any of its pixels is), the adapters see the control images at pixel resolution
+        (``adapter_for(unet, downscale_factor=vae factor)``), and after decoding the known pixels are put back, so
+        the known region is kept exactly as on a pixel model.
         """
-        if self.vae is not None:
-            raise ValueError("ModalityBlendPipeline needs a pixel-space UNet; latent models need an inpainting UNet")
+        if self.family not in ("unet", "sd", "sdxl"):
+            raise ValueError(f"modality blending injects adapter features into a UNet's encoder; this {self.family} "
+                             "model is a transformer, which has no encoder to blend")
         if blend not in MODES:
             raise ValueError(f"blend must be one of {MODES}, got {blend!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_solver_options(solver, num_inference_steps, eta)
+        check_output_type(output_type)
+        check_finite("guidance_scale", guidance_scale)
         control_images = dict(control_images or {})
         unknown = sorted(set(control_images) - set(self.adapters))
         if unknown:
@@ -154,14 +170,16 @@ class ModalityBlendPipeline(GuidedPipeline):
         extra = sorted(set(scales) - set(control_images))
         if extra:
             raise ValueError(f"adapter_conditioning_scale names {extra}, which have no control image")
+        for name, scale in scales.items():
+            check_finite(f"adapter_conditioning_scale[{name!r}]", scale)
         blend_steps = round(0.6 * num_inference_steps) if blend_steps is None else blend_steps
+        if not (isinstance(blend_steps, int) and not isinstance(blend_steps, bool) and 0 <= blend_steps <= num_inference_steps):
+            raise ValueError(f"blend_steps must be in [0, {num_inference_steps}] (an integer), got {blend_steps!r}")
 
         device = self._execution_device
-        size = self.unet.config.sample_size
-        shape = (size, size) if isinstance(size, int) else tuple(size)
-        channels = self.unet.config.in_channels
-        known = _as_batch(image, "image", channels, shape, None, device)
-        batch = known.shape[0]
+        shape = self.check_size(height, width)
+        pixels = _as_batch(image, "image", 3 if self.vae is not None else self.unet.config.in_channels, shape, None, device)
+        batch = pixels.shape[0]
         mask = _as_batch(mask_image, "mask_image", 1, shape, batch, device, binary=True)
         modalities = []
         for name, control in control_images.items():
@@ -169,37 +187,57 @@ class ModalityBlendPipeline(GuidedPipeline):
             feats = adapter_features(self.adapters[name].to(device), control)
             modalities.append(Modality(feats, float(scales.get(name, 1.0))))
 
-        if self.num_classes is not None:
-            labels = self.num_classes if class_labels is None else class_labels
-            labels = torch.as_tensor([labels] if isinstance(labels, int) else labels).flatten().long().to(device)
-            if labels.numel() == 1:
-                labels = labels.expand(batch)
-            if len(labels) != batch or labels.min() < 0 or labels.max() > self.num_classes:
-                raise ValueError(f"class_labels must give one label in [0, {self.num_classes}] per image ({self.num_classes} is the null class), got {class_labels}")
-            cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, self.num_classes)}
+        rule = make_rule(guidance, guidance_scale)
+        cond, uncond = self._blend_condition(class_labels, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                             batch, device, self.uses_guidance(rule, guidance_scale), shape, text_options)
+        if self.vae is not None:  # complete in latent space: the encoded image, the mask on the latent grid
+            known = VaeDecoder(self.vae).pinv(pixels).float()
+            latent_mask = F.adaptive_max_pool2d(mask, known.shape[-2:])
         else:
-            raise ValueError("ModalityBlendPipeline supports class-conditional UNets (such as the default model)")
-        rule = make_guidance(guidance, guidance_scale)
-        if rule is None:
-            uncond = None
-
-        noise_shape = (batch, channels, *shape)
-        if latents is None:
-            latents = randn_tensor(noise_shape, generator=generator, device=device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != noise_shape:
-            raise ValueError(f"latents must have shape {noise_shape}, got {tuple(latents.shape)}")
-
-        denoiser = Denoiser.from_pipeline_components(self.unet, self.scheduler)
-        timesteps = make_timesteps(denoiser.schedule, solver, num_inference_steps, self.scheduler.config)
-        opts = {"eta": eta} if solver == "ddim" else {}
+            known, latent_mask = pixels, mask
+        setup = self.solver_setup(solver, num_inference_steps, *shape)
+        check_eta(setup, eta)
+        noise = setup.grid.init_noise_scale * self.prepare_latents(batch, *shape, generator, latents, device)
+        opts = {**setup.options, **({"eta": eta} if setup.solver == "ddim" else {})}
         with self.progress_bar(total=num_inference_steps) as bar:
             result = complete(
-                denoiser, get_solver(solver).fn, latents.to(device), timesteps, known, mask, modalities, mode=blend,
+                self.denoiser(), setup.fn, noise, setup.grid, known, latent_mask, modalities, mode=blend,
                 blend_steps=blend_steps, blend_iterations=blend_iterations, step_scale=blend_step_scale,
                 max_step_size=blend_max_step_size, layers=blend_layers, cond=cond, uncond=uncond, guidance=rule,
-                generator=generator, callback=self._step_callback(bar, callback_on_step_end), **opts,
+                generator=generator, callback=self.step_callback(bar, callback_on_step_end, rule, cond, uncond), **opts,
             )
         self.blend_losses = result.blend_losses  # (P, Q) diagnostics of the last call
-        images = self._decode(result.sample, output_type)
+        if self.vae is None or output_type == "latent":
+            images = self.decode(result.sample, output_type)
+        else:  # the decoded fill, with the known pixels as given
+            self.decode(result.sample, "latent")  # refuses a non-finite result
+            filled = mask * self.vae_decode(result.sample).float() + (1 - mask) * pixels
+            images = self.image_processor.postprocess(filled, output_type=output_type)
         self.maybe_free_model_hooks()
         return GuidedPipelineOutput(images=images) if return_dict else (images,)
+
+    def _blend_condition(self, class_labels, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, batch,
+                         device, do_guidance, shape, text_options):
+        """(cond, uncond) for a batch of images: class labels (default the null class, unconditional) or prompts
+        (default the empty prompt), one per image or one for all."""
+        if self.num_classes is not None:
+            if prompt is not None or prompt_embeds is not None or text_options:
+                raise ValueError("this model is class-conditional: pass class_labels, not a prompt")
+            labels = self.num_classes if class_labels is None else class_labels
+            cond, uncond, n = self.encode_condition(class_labels=labels, device=device, null_class_labels=True,
+                                                    do_guidance=do_guidance)
+        else:
+            if class_labels is not None:
+                raise ValueError("this model has no class embeddings; pass a prompt")
+            if prompt is None and prompt_embeds is None:
+                prompt = ""
+            cond, uncond, n = self.encode_condition(prompt=prompt, negative_prompt=negative_prompt,
+                                                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                                    device=device, do_guidance=do_guidance, height=shape[0], width=shape[1],
+                                                    **text_options)
+        if n == 1 and batch > 1:
+            widen = lambda c: {k: v.expand(batch, *v.shape[1:]) for k, v in c.items()} if c is not None else None  # noqa: E731
+            cond, uncond = widen(cond), widen(uncond)
+        elif n != batch:
+            raise ValueError(f"give one class label or prompt per image ({batch}) or one for all, got {n}")
+        return cond, uncond

@@ -7,7 +7,8 @@
 - ``audit``: optimise the initial noise so the digits classifier is fooled while the image stays close to
   the original (a security audit of the classifier against the generator).
 
-Prints the loss before and after and saves before/after grids to assets/adjoint_<use>.png.
+Prints the loss before and after and saves before/after grids to <out>/adjoint_<use>.png (default out/; the README's
+figures: --out assets).
 
     python scripts/adjoint_uses.py embedding|finetune|audit [--iterations N] [--steps N]
 """
@@ -97,7 +98,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--backend", default="adjoint")
-    parser.add_argument("--out", default="assets")
+    parser.add_argument("--out", default="out", help="folder for the grids (the README's figures: assets)")
     args = parser.parse_args()
     pipe = AdjointDPMPipeline.from_pipe(diffkit.load_pipeline())
     pipe.set_progress_bar_config(desc=f"adjoint {args.use}")

@@ -17,14 +17,13 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import diffkit
 from diffkit.adjoint import RhoODE, adjoint_timesteps
 from diffkit.guidance import CFG
-from diffkit.images import save_figure_atomic, write_text_atomic
+from diffkit.bench import write_results
 
 
 def _rss_mb() -> float:
@@ -102,16 +101,10 @@ def main():
     adj_growth = by["adjoint", hi]["peak_mb"] / max(by["adjoint", lo]["peak_mb"], 1.0)
     time_ratio = by["adjoint", hi]["seconds"] / by["checkpoint", hi]["seconds"]
     lines += ["", f"Adjoint peak memory {lo} -> {hi} steps: x{adj_growth:.2f}; adjoint time / checkpoint time at {hi} steps: x{time_ratio:.2f}."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out / f"bench_adjoint{suffix}.md", table)
-    plot(rows, out / f"bench_adjoint{suffix}.png")
+    write_results(args.out, "bench_adjoint", args.quick, "\n".join(lines) + "\n", figure=plot(rows))
 
 
-def plot(rows, path):
+def plot(rows):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +120,7 @@ def plot(rows, path):
     axes[2].set_yscale("log")
     axes[0].legend()
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    return fig
 
 
 if __name__ == "__main__":

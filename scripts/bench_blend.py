@@ -13,14 +13,14 @@ completed region only, and seconds per image. Writes assets/bench_blend.md and .
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 import diffkit
 from diffkit.blend import extract
 from diffkit.data import colored_digits
-from diffkit.images import image_grid, save_png_atomic, to_pil, write_text_atomic
+from diffkit.bench import write_results
+from diffkit.images import image_grid, to_pil
 from diffkit.metrics import class_accuracy, fd
 from diffkit.pipelines import ModalityBlendPipeline
 
@@ -92,17 +92,12 @@ def main():
     ]
     for name, (out, seconds) in results.items():
         lines.append(f"| {name} | {class_accuracy(out, y):.1%} | {fd(out, images):.1f} | {region_psnr(out, x, mask):.2f} | {seconds:.3f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out_dir / f"bench_blend{suffix}.md", table)
     # columns: one digit per class; rows: the masked input, the modalities, the truth, then each method
     cols = torch.arange(10) * per_class
     masked = x[cols] * (1 - mask) - mask
     rows = [masked] + [controls[m][cols] for m in ALL] + [x[cols]] + [out[cols] for out, _ in results.values()]
-    save_png_atomic(image_grid(to_pil(torch.cat(rows)), ncols=10, tile=32), out_dir / f"bench_blend{suffix}.png")
+    grid = image_grid(to_pil(torch.cat(rows)), ncols=10, tile=32)
+    write_results(args.out, "bench_blend", args.quick, "\n".join(lines) + "\n", images={"bench_blend": grid})
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ assets/bench_guidance.md, assets/bench_guidance.png and sample grids CFG vs APG 
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 import diffkit
 from diffkit import metrics
 from diffkit.data import colored_digits
-from diffkit.images import image_grid, save_figure_atomic, save_png_atomic, to_pil, write_text_atomic
+from diffkit.bench import write_results
+from diffkit.images import image_grid, to_pil
 
 
 SCALES = [1, 2, 4, 6, 8, 12, 16]
@@ -116,14 +116,8 @@ def main():
     table += "\nTime per image at w = 12, best of interleaved repeats on 100 images: " + ", ".join(
         f"{m} {1000 * t:.1f} ms" for m, t in times.items()
     ) + f" (APG / CFG = {times['APG'] / times['CFG']:.3f}).\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out / f"bench_guidance{suffix}.md", table)
-    plot(rows, out / f"bench_guidance{suffix}.png", real_row)
-    for method, images in grids.items():
-        save_png_atomic(image_grid(to_pil(images), ncols=10, tile=32), out / f"guidance_{method.lower()}_w12{suffix}.png")
+    samples = {f"guidance_{method.lower()}_w12": image_grid(to_pil(images), ncols=10, tile=32) for method, images in grids.items()}
+    write_results(args.out, "bench_guidance", args.quick, table, figure=plot(rows, real_row), images=samples)
 
 
 def format_table(rows, n_images) -> str:
@@ -142,7 +136,7 @@ def format_table(rows, n_images) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path: Path, real_row) -> None:
+def plot(rows, real_row):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +153,7 @@ def plot(rows, path: Path, real_row) -> None:
         ax.set(xlabel="guidance scale w", ylabel=key)
     axes[0].legend()
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    return fig
 
 
 if __name__ == "__main__":

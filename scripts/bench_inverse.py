@@ -39,7 +39,7 @@ from scipy import stats
 
 import diffkit
 from diffkit.data import colored_digits
-from diffkit.hub import DEFAULT_MODEL
+from diffkit.assets import DEFAULT_MODEL
 from diffkit.images import image_grid, save_png_atomic, to_pil, write_text_atomic
 from diffkit.inverse import Blur, Inpainting, SuperResolution
 from diffkit.metrics import class_accuracy, psnr, ssim

@@ -1,18 +1,18 @@
 """Solvers on the embedded default model: diffkit's loop side by side with diffusers' scheduler loop.
 
-For each solver at 10, 25 and 50 steps, both loops sample the same classes from the same noise with CFG
-(scale 3) and report the Frechet distance (FD, digits-classifier features) to the held-out digits, class
-accuracy and the max-abs difference between the two loops' outputs (100 images), and time per image: the
-best of 5 interleaved repeats on 25 images, since a single run on a shared CPU varies by +-10%. Writes the
-table to assets/bench_solvers.md and a figure to assets/bench_solvers.png.
+For each solver at 10, 25 and 50 steps, and DPM-Solver++ and Euler with Karras sigmas, both loops sample the
+same classes from the same noise with CFG (scale 3) and report the Frechet distance (FD, digits-classifier
+features) to the held-out digits, class accuracy and the max-abs difference between the two loops' outputs
+(100 images), and time per image: the best of 5 interleaved repeats on 25 images, since a single run on a
+shared CPU varies by +-10%. diffkit walks the step grid ``solver_for`` builds from the same scheduler config.
+Writes the table to assets/bench_solvers.md and a figure to assets/bench_solvers.png.
 
-    python scripts/bench_solvers.py            # 100 images per cell, ~10 minutes on 2 CPU cores
-    python scripts/bench_solvers.py --quick    # ~1 minute
+    python scripts/bench_solvers.py            # 100 images per cell, ~15 minutes on 2 CPU cores
+    python scripts/bench_solvers.py --quick    # the four solvers at 10 steps, default sigmas: ~1 minute
 """
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
@@ -21,8 +21,8 @@ import diffkit
 from diffkit import metrics
 from diffkit.data import colored_digits
 from diffkit.guidance import CFG
-from diffkit.images import save_figure_atomic, write_text_atomic
-from diffkit.solvers import SOLVERS
+from diffkit.bench import markdown_table, write_results
+from diffkit.solvers import SOLVERS, solver_for
 
 
 SCHEDULERS = {
@@ -32,19 +32,20 @@ SCHEDULERS = {
     "heun": HeunDiscreteScheduler,
 }
 GUIDANCE_SCALE = 3.0
+SIGMAS = {"default": {}, "karras": {"use_karras_sigmas": True}}
 
 
-def scheduler_config(pipe, solver: str) -> dict:
-    config = dict(pipe.scheduler.config)
+def scheduler_config(pipe, solver: str, sigmas: str = "default") -> dict:
+    config = {**pipe.scheduler.config, **SIGMAS[sigmas]}
     if solver == "ddim":
-        # diffusers' DDIM with "linspace" steps to t - N//n instead of the next grid point; trailing is consistent.
+        # the default model's pixels are not clipped by its DPM-Solver config; DDIM's default would clip them
         config.update(timestep_spacing="trailing", clip_sample=False)
     return config
 
 
-def diffusers_loop(pipe, solver, steps, noise, labels):
+def diffusers_loop(pipe, solver, steps, noise, labels, sigmas="default"):
     """The loop a diffusers pipeline runs: scale_model_input, a batched CFG pass on the raw output, step()."""
-    scheduler = SCHEDULERS[solver].from_config(scheduler_config(pipe, solver))
+    scheduler = SCHEDULERS[solver].from_config(scheduler_config(pipe, solver, sigmas))
     scheduler.set_timesteps(steps)
     null = torch.full_like(labels, pipe.num_classes)
     x = noise * scheduler.init_noise_sigma
@@ -55,20 +56,20 @@ def diffusers_loop(pipe, solver, steps, noise, labels):
     return x
 
 
-def diffkit_loop(pipe, solver, steps, noise, labels):
-    config = scheduler_config(pipe, solver)
+def diffkit_loop(pipe, solver, steps, noise, labels, sigmas="default"):
+    """diffkit's solver on the grid its diffusers counterpart walks for the same config (solver_for)."""
+    config = scheduler_config(pipe, solver, sigmas)
+    setup = solver_for(config, steps, class_name=SCHEDULERS[solver].__name__)
     denoiser = diffkit.Denoiser(pipe.unet, diffkit.NoiseSchedule.from_config(config), config["prediction_type"])
-    timesteps = diffkit.make_timesteps(denoiser.schedule, solver, steps, config)
-    x = noise
-    if solver in ("euler", "heun"):  # same start as diffusers' VE-scaled noise, in VP coordinates
-        x = noise * SCHEDULERS[solver].from_config(config).init_noise_sigma * denoiser.schedule.alpha(timesteps[0]).item()
     null = torch.full_like(labels, pipe.num_classes)
-    return SOLVERS[solver].fn(
-        denoiser, x, timesteps, cond={"class_labels": labels}, uncond={"class_labels": null}, guidance=CFG(GUIDANCE_SCALE)
+    return setup.fn(
+        denoiser, noise * setup.grid.init_noise_scale, setup.grid, cond={"class_labels": labels},
+        uncond={"class_labels": null}, guidance=CFG(GUIDANCE_SCALE), **setup.options,
     )
 
 
 def timed(fn, *args):
+    """The output and the seconds taken, without autograd."""
     start = time.perf_counter()
     with torch.no_grad():
         out = fn(*args)
@@ -85,6 +86,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     n_images, step_counts, repeats = (20, [10], 2) if args.quick else (args.images, [10, 25, 50], args.repeats)
+    cells = [(solver, "default", steps) for solver in SOLVERS for steps in step_counts]
+    if not args.quick:
+        cells += [(solver, "karras", steps) for solver in ("dpmpp_2m", "euler") for steps in step_counts]
 
     pipe = diffkit.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -93,73 +97,61 @@ def main():
     noise = torch.randn(n_images, 3, 16, 16, generator=torch.Generator().manual_seed(args.seed))
 
     rows = []
-    for solver in SOLVERS:
-        for steps in step_counts:
-            loops = {"diffusers": diffusers_loop, "diffkit": diffkit_loop}
-            results = {name: timed(fn, pipe, solver, steps, noise, labels)[0] for name, fn in loops.items()}
-            diff = (results["diffkit"] - results["diffusers"]).abs().max().item()
-            row = {"solver": solver, "steps": steps, "max |diffkit - diffusers|": f"{diff:.1e}"}
-            best = {name: float("inf") for name in loops}
-            n_time = min(25, n_images)
-            for r in range(repeats):  # interleaved, alternating which loop goes first
-                for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
-                    seconds = timed(loops[name], pipe, solver, steps, noise[:n_time], labels[:n_time])[1]
-                    best[name] = min(best[name], seconds)
-            for name in loops:
-                images = results[name].clamp(-1, 1)
-                row[f"{name} ms/img"] = 1000 * best[name] / n_time
-                row[f"{name} FD"] = metrics.frechet_distance(metrics.classifier_features(images), real_feats)
-                row[f"{name} acc"] = metrics.class_accuracy(images, labels)
-            row["slowdown"] = row["diffkit ms/img"] / row["diffusers ms/img"] - 1
-            rows.append(row)
-            print(f"{solver} {steps}: done", flush=True)
+    for solver, sigmas, steps in cells:
+        loops = {"diffusers": diffusers_loop, "diffkit": diffkit_loop}
+        results = {name: timed(fn, pipe, solver, steps, noise, labels, sigmas)[0] for name, fn in loops.items()}
+        diff = (results["diffkit"] - results["diffusers"]).abs().max().item()
+        row = {"solver": solver, "sigmas": sigmas, "steps": steps, "max |diffkit - diffusers|": f"{diff:.1e}"}
+        best = {name: float("inf") for name in loops}
+        n_time = min(25, n_images)
+        for r in range(repeats):  # interleaved, alternating which loop goes first
+            for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
+                seconds = timed(loops[name], pipe, solver, steps, noise[:n_time], labels[:n_time], sigmas)[1]
+                best[name] = min(best[name], seconds)
+        for name in loops:
+            images = results[name].clamp(-1, 1)
+            row[f"{name} ms/img"] = 1000 * best[name] / n_time
+            row[f"{name} FD"] = metrics.frechet_distance(metrics.classifier_features(images), real_feats)
+            row[f"{name} acc"] = metrics.class_accuracy(images, labels)
+        row["slowdown"] = row["diffkit ms/img"] / row["diffusers ms/img"] - 1
+        rows.append(row)
+        print(f"{solver} ({sigmas} sigmas) {steps}: done", flush=True)
 
-    table = format_table(rows, n_images)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out / f"bench_solvers{suffix}.md", table)
-    plot(rows, out / f"bench_solvers{suffix}.png")
+    write_results(args.out, "bench_solvers", args.quick, format_table(rows, n_images), figure=plot(rows))
 
 
 def format_table(rows, n_images) -> str:
-    cols = ["solver", "steps", "diffusers ms/img", "diffkit ms/img", "slowdown", "diffusers FD", "diffkit FD",
+    cols = ["solver", "sigmas", "steps", "diffusers ms/img", "diffkit ms/img", "slowdown", "diffusers FD", "diffkit FD",
             "diffusers acc", "diffkit acc", "max |diffkit - diffusers|"]
     fmt = {"slowdown": "{:+.1%}", "diffusers acc": "{:.1%}", "diffkit acc": "{:.1%}"}
-    lines = [
+    note = (
         f"Default model, CFG scale {GUIDANCE_SCALE}, {n_images} images per cell for FD / accuracy, time = best of "
         f"interleaved repeats on 25 images, torch threads {torch.get_num_threads()}; FD to 500 held-out digits on "
-        "digits-classifier features.",
-        "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
-    ]
-    for r in rows:
-        cells = [fmt.get(c, "{:.2f}" if isinstance(r[c], float) else "{}").format(r[c]) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        "digits-classifier features."
+    )
+    cells = [[fmt.get(c, "{:.2f}" if isinstance(r[c], float) else "{}").format(r[c]) for c in cols] for r in rows]
+    return markdown_table(cols, cells, note)
 
 
-def plot(rows, path: Path) -> None:
+def plot(rows):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for solver in SOLVERS:
-        rs = [r for r in rows if r["solver"] == solver]
-        steps = [r["steps"] for r in rs]
-        (line,) = axes[0].plot(steps, [r["diffkit FD"] for r in rs], "o-", label=f"{solver} (diffkit)")
-        axes[0].plot(steps, [r["diffusers FD"] for r in rs], "x--", color=line.get_color(), label=f"{solver} (diffusers)")
-        axes[1].plot(steps, [r["diffkit ms/img"] for r in rs], "o-", color=line.get_color(), label=f"{solver} (diffkit)")
-        axes[1].plot(steps, [r["diffusers ms/img"] for r in rs], "x--", color=line.get_color(), label=f"{solver} (diffusers)")
+    for key in dict.fromkeys((r["solver"], r["sigmas"]) for r in rows):
+        rs = [r for r in rows if (r["solver"], r["sigmas"]) == key]
+        steps, label = [r["steps"] for r in rs], key[0] + ("" if key[1] == "default" else f" {key[1]}")
+        (line,) = axes[0].plot(steps, [r["diffkit FD"] for r in rs], "o-", label=f"{label} (diffkit)")
+        axes[0].plot(steps, [r["diffusers FD"] for r in rs], "x--", color=line.get_color(), label=f"{label} (diffusers)")
+        axes[1].plot(steps, [r["diffkit ms/img"] for r in rs], "o-", color=line.get_color(), label=f"{label} (diffkit)")
+        axes[1].plot(steps, [r["diffusers ms/img"] for r in rs], "x--", color=line.get_color(), label=f"{label} (diffusers)")
     axes[0].set(xlabel="steps", ylabel="FD to held-out digits (log)", title="quality", yscale="log")
     axes[1].set(xlabel="steps", ylabel="ms per image", title="time")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    return fig
 
 
 if __name__ == "__main__":

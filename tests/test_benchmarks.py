@@ -115,3 +115,26 @@ def test_bench_blend_quick(tmp_path):
             assert value > psnr["none"] + 2, (name, psnr)
     for name in ("bench_blend_quick.md", "bench_blend_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_realmodels_quick(tmp_path):
+    """Every family's GuidedPipeline.from_pipe gives its diffusers pipeline's images; the time ratio is measured."""
+    stdout = _run("bench_realmodels.py", tmp_path)
+    rows = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in _table_rows(stdout) if not r.startswith("| family")}
+    assert sorted(rows) == ["flux", "sd", "sd3", "sdxl"], rows
+    for family, cells in rows.items():
+        assert float(cells[1]) < 1e-4, (family, cells)  # max |diffkit - diffusers| on images in [0, 1]
+        assert 0 < float(cells[4]) < 10, (family, cells)  # a measured time ratio, not a placeholder
+    for name in ("bench_realmodels_quick.md", "bench_realmodels_quick.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_realmodels_gpu_mode_needs_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the refusal is for machines without CUDA
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_realmodels.py"), "--gpu", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--gpu needs a CUDA device" in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -12,7 +12,6 @@ from diffkit.blend import (Modality, adapter_for, blend_loss, blend_update, comp
 from diffkit.data import colored_digits
 from diffkit.denoiser import Denoiser
 from diffkit.pipelines import ModalityBlendPipeline
-from diffkit.solvers import get_solver, make_timesteps
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +173,10 @@ def test_summed_features_match_diffusers_multiadapter(pipe, digits):
         summed = multi([controls["edges"], controls["ink_mask"]], adapter_weights=[0.7, 1.3])
     denoiser = Denoiser.from_pipeline_components(pipe.unet, pipe.scheduler)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(4))
-    timesteps = make_timesteps(denoiser.schedule, "ddim", 6, pipe.scheduler.config)
+    setup = pipe.solver_setup("ddim", 6, 16, 16)  # DDIMScheduler.from_config(the pipeline's config): walk and clipping
     cond = {"class_labels": torch.full((4,), 10)}
     with torch.no_grad(), injected(pipe.unet, summed):
-        ref = complete(denoiser, get_solver("ddim").fn, noise, timesteps, images, mask, cond=cond).sample
+        ref = complete(denoiser, setup.fn, noise, setup.grid, images, mask, cond=cond, **setup.options).sample
     ours = pipe(images, mask, control_images=controls, adapter_conditioning_scale=scales, blend="sum",
                 num_inference_steps=6, latents=noise, output_type="latent").images
     assert (ours - ref).abs().max() < 1e-5
@@ -250,3 +249,81 @@ def test_cli_complete_keeps_the_known_half_and_refuses_to_overwrite(pipe, digits
     assert main(["complete", *args[:-2], "--control", "edges", "--out", str(tmp_path / "b.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "exists" in err[0] and "MODALITY=VALUE" in err[1]
+
+
+# -- latent text UNets: SD 1.x / 2.x (MaGIC's own setting) and SDXL -------------------------------------------
+
+
+def test_injection_matches_diffusers_after_a_block_without_cross_attention():
+    """SDXL's first down block has no cross-attention and a downsampler: diffusers adds the adapter feature after the
+    whole block (to the sample and, in place, to its last skip); the hooks do the same."""
+    from helpers import tiny_sdxl_components
+
+    unet = tiny_sdxl_components()["unet"]
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor(500.0), torch.randn(2, 5, 64)
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    feats = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4)]  # after block 0's downsampler; inside block 1
+    with torch.no_grad():
+        native = unet(x, t, text, added_cond_kwargs=added, down_intrablock_additional_residuals=[f.clone() for f in feats]).sample
+        with injected(unet, feats):
+            hooked = unet(x, t, text, added_cond_kwargs=added).sample
+        plain = unet(x, t, text, added_cond_kwargs=added).sample
+    assert torch.allclose(hooked, native, atol=1e-6)
+    assert (hooked - plain).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def sd_blend():
+    """A tiny Stable Diffusion pipeline (DDIM, as MaGIC samples) with two random T2I-Adapters at pixel resolution."""
+    from test_real_models import SD_SCHEDULE, diffusers_pipe
+
+    pipe = ModalityBlendPipeline.from_pipe(diffusers_pipe("sd", scheduler=DDIMScheduler(**SD_SCHEDULE)))
+    pipe.set_progress_bar_config(disable=True)
+    for seed, name in enumerate(["edges", "low_resolution"]):
+        torch.manual_seed(seed)
+        pipe.adapters[name] = adapter_for(pipe.unet, downscale_factor=pipe.vae_scale_factor).eval()
+    image = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 24)
+    mask[..., 12:] = 1  # fill the right half
+    controls = {name: torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(i)) * 2 - 1
+                for i, name in enumerate(["edges", "low_resolution"])}
+    return pipe, image, mask, controls
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("blend", ["cmb", "sum"])
+def test_latent_completion_keeps_the_known_region_with_prompts(sd_blend, blend):
+    """Non-square SD completion with a prompt and two T2I-Adapters: the known pixels come back exactly, the fill
+    depends on the prompt and on the modalities, and CMB's loss falls over each blended step's Q gradient steps."""
+    pipe, image, mask, controls = sd_blend
+    kw = dict(num_inference_steps=6, blend_steps=3, blend_iterations=3, height=16, width=24, output_type="pt")
+
+    def run(**extra):
+        return pipe(image, mask, generator=torch.Generator().manual_seed(1), **{**kw, **extra}).images * 2 - 1
+
+    out = run(control_images=controls, blend=blend, prompt="a red fox")
+    assert out.shape == image.shape
+    assert torch.allclose(out * (1 - mask), image * (1 - mask), atol=1e-6)
+    assert (out - run(control_images=controls, blend=blend, prompt="blue sky")).abs().max() > 1e-4
+    assert (out - run(prompt="a red fox")).abs().max() > 1e-4
+    if blend == "cmb":
+        run(control_images=controls, blend=blend, prompt="a red fox")
+        losses = pipe.blend_losses
+        assert losses.shape == (3, 3) and torch.all(losses[:, 1:] < losses[:, :-1]), losses
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_latent_blending_with_no_blended_step_is_plain_completion(sd_blend):
+    pipe, image, mask, controls = sd_blend
+    kw = dict(num_inference_steps=5, height=16, width=24, prompt="a red fox", output_type="latent")
+    plain = pipe(image, mask, generator=torch.Generator().manual_seed(1), **kw).images
+    p0 = pipe(image, mask, control_images=controls, blend_steps=0, generator=torch.Generator().manual_seed(1), **kw).images
+    assert torch.equal(plain, p0)
+
+
+def test_transformers_are_refused_with_the_reason():
+    from test_real_models import diffusers_pipe
+
+    pipe = ModalityBlendPipeline.from_pipe(diffusers_pipe("flux"))
+    with pytest.raises(ValueError, match="transformer, which has no encoder"):
+        pipe(torch.zeros(1, 3, 16, 16), torch.ones(1, 1, 16, 16), prompt="a fox")

@@ -272,3 +272,52 @@ def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match="NaN"):
         Denoising().check_measurement(torch.full(SHAPE, math.nan), SHAPE)
     Colorization().check_measurement(torch.zeros(2, 1, 16, 16), SHAPE)  # the right shape passes
+
+
+class _DeepinvLikeDownsampling:
+    """deepinv's LinearPhysics interface (A, A_adjoint, A_dagger, noise_model.sigma) for 2x average pooling on
+    [0, 1] images, standing in for deepinv (an optional peer that needs torchvision)."""
+
+    class noise_model:
+        sigma = 0.1
+
+    def A(self, x):
+        return torch.nn.functional.avg_pool2d(x, 2)
+
+    def A_adjoint(self, y):
+        return torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest") / 4
+
+    def A_dagger(self, y):
+        return torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+
+
+def test_deepinv_physics_as_an_operator_on_minus_one_to_one_images():
+    from diffkit.inverse import Operator, red_diff
+
+    physics = _DeepinvLikeDownsampling()
+    op = Operator.from_deepinv(physics)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    assert torch.allclose(op.forward(x), physics.A((x + 1) / 2))  # measurements in deepinv's units, noise-free
+    assert op.sigma_y == 0.1 and op.output_shape(x.shape) == (2, 3, 4, 4) and op.input_shape((2, 3, 4, 4)) == x.shape
+    y = op.forward(x)
+    assert torch.allclose(op.forward(op.pinv(y)), y)  # a right inverse on [-1, 1] images
+    v, w = torch.randn_like(x), torch.randn_like(y)  # <L v, w> = <v, L^T w> for the linear part L v = A(v) / 2
+    assert torch.allclose((physics.A(v) / 2 * w).sum(), (v * op.adjoint(w)).sum())
+    from diffkit import Denoiser, NoiseSchedule
+    from helpers import NearlyTrainedModel
+
+    schedule = NoiseSchedule.from_config({"beta_schedule": "linear"})
+    denoiser = Denoiser(NearlyTrainedModel(schedule, "epsilon"), schedule, "epsilon")
+    restored = red_diff(denoiser, y.float(), op, num_steps=5)
+    assert restored.shape == x.shape and torch.isfinite(restored).all()
+
+
+def test_real_deepinv_physics_when_installed():
+    from diffkit.inverse import Operator
+
+    dinv = pytest.importorskip("deepinv")
+    physics = dinv.physics.Downsampling(img_size=(3, 8, 8), factor=2, filter=None)
+    op = Operator.from_deepinv(physics)
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert torch.allclose(op.forward(x), physics.A((x + 1) / 2))
+    assert torch.allclose(op.forward(op.pinv(op.forward(x))), op.forward(x), atol=1e-5)

@@ -182,3 +182,46 @@ def test_pipeline_cfg_equals_solver_call():
     pipe.set_progress_bar_config(disable=True)
     out = pipe(class_labels=[1, 2], num_inference_steps=5, guidance_scale=2.5, latents=latents, output_type="latent").images
     assert torch.equal(out, ref)
+
+
+def test_diffusers_cfg_cutoff_callback_works_as_in_stable_diffusion():
+    """diffusers' own SDCFGCutoffCallback (reads num_timesteps, sets _guidance_scale, keeps the positive half of
+    prompt_embeds) gives the same latents on GuidedPipeline as on StableDiffusionPipeline."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    ours, ref = _text_pipes()
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(prompt="a red digit", num_inference_steps=6, guidance_scale=4.0, latents=latents, output_type="latent",
+              callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5),
+              callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    a, b = ours(**kw).images, ref(**kw).images
+    assert ours.num_timesteps == 6 and ours.guidance_scale == 0.0  # as the callback left them, as in diffusers
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())
+    full = ours(**{**kw, "callback_on_step_end": None}).images
+    assert (a - full).abs().max() > 1e-3  # the cutoff changed the run
+
+
+def test_loader_runs_no_code_from_a_model(tmp_path):
+    """trust_remote_code / custom_pipeline are refused; a component named from a module inside the folder is refused
+    by diffusers' own check, and the module never runs."""
+    _class_pipe().save_pretrained(tmp_path / "p")
+    for keyword in ({"trust_remote_code": True}, {"custom_pipeline": "evil_pipe"}, {"use_safetensors": False}):
+        with pytest.raises(ValueError, match="never runs code|safetensors only"):
+            diffkit.load_pipeline(tmp_path / "p", **keyword)
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    (tmp_path / "p" / "model_index.json").write_text(json.dumps({**index, "unet": ["evil_unet", "EvilUNet"]}))
+    (tmp_path / "p" / "unet" / "evil_unet.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_name('RAN').write_text('x')\n"
+        "from diffusers import UNet2DModel\nclass EvilUNet(UNet2DModel):\n    pass\n")
+    with pytest.raises(Exception):
+        diffkit.load_pipeline(tmp_path / "p")
+    assert not (tmp_path / "p" / "unet" / "RAN").exists()
+
+
+def test_adapters_load_from_safetensors_only(tmp_path):
+    from diffkit.blend import adapter_for, load_adapters
+
+    adapter_for(_class_pipe().unet).save_pretrained(tmp_path / "edges", safe_serialization=False)
+    assert (tmp_path / "edges" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(Exception, match="safetensors"):
+        load_adapters(tmp_path)

@@ -6,18 +6,17 @@ from pathlib import Path
 import torch
 from diffusers import T2IAdapter
 
-from ..hub import ASSETS
+from ..assets import MODALITY_ADAPTERS as DEFAULT_ADAPTERS
 
 
-DEFAULT_ADAPTERS = ASSETS / "modalities"
-
-
-def adapter_for(unet, in_channels: int = 3, num_res_blocks: int = 2) -> T2IAdapter:
-    """A full T2I-Adapter whose feature maps match ``unet``'s down blocks (channels and resolutions): no pixel
-    unshuffle for a pixel-space UNet, one halving per block after the first, as the UNet downsamples."""
+def adapter_for(unet, in_channels: int = 3, num_res_blocks: int = 2, downscale_factor: int = 1) -> T2IAdapter:
+    """A full T2I-Adapter whose feature maps match ``unet``'s down blocks (channels and resolutions): a pixel
+    unshuffle by ``downscale_factor`` (1 for a pixel-space UNet; the VAE's factor, 8 for Stable Diffusion, for a
+    latent one, whose control images stay at pixel resolution), then one halving per block after the first, as
+    the UNet downsamples."""
     channels = list(unet.config.block_out_channels)
-    return T2IAdapter(in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks, downscale_factor=1,
-                      adapter_type="full_adapter")
+    return T2IAdapter(in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
+                      downscale_factor=downscale_factor, adapter_type="full_adapter")
 
 
 def load_adapters(folder: str | Path | None = None, names: list[str] | None = None) -> dict[str, T2IAdapter]:
@@ -31,7 +30,7 @@ def load_adapters(folder: str | Path | None = None, names: list[str] | None = No
     missing = sorted(set(names) - set(found))
     if missing:
         raise ValueError(f"no adapter for {missing} in {folder}; found {found}")
-    return {name: T2IAdapter.from_pretrained(folder / name).eval() for name in names}
+    return {name: T2IAdapter.from_pretrained(folder / name, use_safetensors=True).eval() for name in names}
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..denoiser import Denoiser, _batch_cat
+from ..schedule import StepGrid
 from .features import encoder_features, injected
 
 
@@ -86,15 +87,11 @@ def blend_update(denoiser, z, t, eta: float, targets, iterations: int, cond=None
     return z, losses
 
 
-class _BranchesDone(Exception):
-    pass
-
-
 def complete(
     denoiser: Denoiser,
     solver,
     noise: torch.Tensor,
-    timesteps: torch.Tensor,
+    timesteps: torch.Tensor | StepGrid,
     known: torch.Tensor,
     mask: torch.Tensor,
     modalities: list[Modality] = (),
@@ -111,7 +108,8 @@ def complete(
     callback=None,
     **solver_opts,
 ) -> Completion:
-    """Fill ``mask`` (1 = unknown) of ``known`` by running ``solver`` from ``noise`` over ``timesteps``.
+    """Fill ``mask`` (1 = unknown) of ``known`` by running ``solver`` from ``noise`` over ``timesteps`` (a
+    ``StepGrid`` or a plain timestep array).
 
     ``mode="sum"`` adds sum_k s_k f_k to the main trajectory's encoder at every step (no modality: plain
     completion; one: T2I-Adapter); ``mode="cmb"`` blends by the latent updates of the first ``blend_steps`` (P)
@@ -120,32 +118,28 @@ def complete(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    n = len(timesteps) - 1
+    grid = timesteps if isinstance(timesteps, StepGrid) else StepGrid.from_timesteps(denoiser.schedule, timesteps)
+    n = grid.num_steps
     if not 0 <= blend_steps <= n:
         raise ValueError(f"blend_steps must be in [0, {n}] (the number of steps), got {blend_steps}")
     if blend_iterations < 0:
         raise ValueError(f"blend_iterations must be >= 0, got {blend_iterations}")
     unet = denoiser.model
-    ts = torch.as_tensor(timesteps, dtype=torch.float64)
-    alpha, sigma = denoiser.schedule.alpha(ts).tolist(), denoiser.schedule.sigma(ts).tolist()
-    t_model = ts.to(device=noise.device, dtype=torch.float32)
+    t_model = grid.model_timesteps(noise.device)
     keep = 1 - mask
 
     def paint(x, i):  # the branches' batch stacks k copies of the images: broadcast over the copies
         copies = x.view(-1, *known.shape)
-        return (mask * copies + keep * (alpha[i] * known + sigma[i] * noise)).view_as(x)
+        return (mask * copies + keep * grid.add_noise(known, noise, i)).view_as(x)
 
     def run(x, feats, cond_, uncond_, on_step, stop_after=None):
         def step(info):
             i = info["step"] + 1
             x_i = paint(info["x"], i)
-            out = on_step(x_i, i)
-            if stop_after is not None and i >= stop_after:
-                raise _BranchesDone
-            return {"x": out}
+            return {"x": on_step(x_i, i), "stop": stop_after is not None and i >= stop_after}
 
         with injected(unet, feats):
-            return solver(denoiser, x, timesteps, cond=cond_, uncond=uncond_, guidance=guidance, generator=generator,
+            return solver(denoiser, x, grid, cond=cond_, uncond=uncond_, guidance=guidance, generator=generator,
                           callback=step, **solver_opts)
 
     def user_step(x, i):
@@ -174,10 +168,7 @@ def complete(
         return x_i
 
     if blend_steps > 1:
-        try:
-            run(branch[0], branch_feats, branch_cond, branch_uncond, keep_branch, stop_after=blend_steps - 1)
-        except _BranchesDone:
-            pass
+        run(branch[0], branch_feats, branch_cond, branch_uncond, keep_branch, stop_after=blend_steps - 1)
 
     # 2. The main trajectory: plain UNet steps; the first P preceded by Q feature-matching gradient steps.
     losses = []
@@ -192,7 +183,7 @@ def complete(
         # back to one feature list per modality, each on the (conditional; unconditional) batch of b
         targets = [[f.reshape(halves, k, b, *f.shape[1:])[:, j].reshape(halves * b, *f.shape[1:]) for f in feats]
                    for j in range(k)]
-        eta = step_scale * (sigma[i] / alpha[i]) ** 2
+        eta = step_scale * grid.rho[i] ** 2
         if max_step_size is not None:
             eta = min(eta, max_step_size)
         z, step_losses = blend_update(denoiser, x_i, t, eta, targets, blend_iterations, cond, uncond, layers)

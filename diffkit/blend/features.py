@@ -4,7 +4,9 @@ encoder's features back.
 Adapter features are added inside each down block after its last resnet / attention layer and before its
 downsampler, exactly where ``UNet2DConditionModel`` adds ``down_intrablock_additional_residuals``, so they flow
 through the rest of the encoder (T2I-Adapter; MaGIC's MCU-Net). Forward hooks do it, so the same code serves
-``UNet2DModel`` (the default model), which has no such argument. The encoder features are MaGIC's ``hs``:
+``UNet2DModel`` (the default model), which has no such argument. In a ``UNet2DConditionModel`` (SD 1.x / 2.x,
+SDXL) a down block without cross-attention gets its feature after the block, downsampler included, as diffusers
+adds it there (SDXL's first block; its adapters are shaped for that). The encoder features are MaGIC's ``hs``:
 ``conv_in``'s output and every skip tensor of the down blocks.
 """
 
@@ -30,6 +32,21 @@ def _add(output, feature: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
+def _add_after_block(output, feature: torch.Tensor):
+    """A down block's (sample, skips) with ``feature`` added to the sample, and to its last skip where that is the
+    same tensor (diffusers adds in place, so its skip carries the feature too)."""
+    sample, skips = output
+    added = _add(sample, feature)
+    skips = tuple(added if s is sample else s for s in skips)
+    return added, skips
+
+
+def _adds_after_block(unet, block) -> bool:
+    from ..backbones import family_of
+
+    return family_of(unet) in ("sd", "sdxl") and not getattr(block, "has_cross_attention", False)
+
+
 @contextmanager
 def injected(unet: torch.nn.Module, features: list[torch.Tensor] | None):
     """Within the block, every forward of ``unet`` adds ``features[i]`` inside down block i (None: no-op)."""
@@ -39,7 +56,9 @@ def injected(unet: torch.nn.Module, features: list[torch.Tensor] | None):
     blocks = unet.down_blocks
     if len(features) != len(blocks):
         raise ValueError(f"the adapter gives {len(features)} feature maps; the UNet has {len(blocks)} down blocks")
-    hooks = [_last_layer(b).register_forward_hook(lambda m, a, out, f=f: _add(out, f)) for b, f in zip(blocks, features)]
+    hooks = [b.register_forward_hook(lambda m, a, out, f=f: _add_after_block(out, f)) if _adds_after_block(unet, b)
+             else _last_layer(b).register_forward_hook(lambda m, a, out, f=f: _add(out, f))
+             for b, f in zip(blocks, features)]
     try:
         yield
     finally:

@@ -70,16 +70,13 @@ def dfm_loss(
     context = (context[0] * keep, context[1] * keep)
 
     target, target_view = observations[:, num_context], views[:, num_context]
-    shape = (b,) + (1,) * (target.ndim - 1)
     if mode == "regression":  # the regressor's input carries no target: pure noise level, zero observation
         t = torch.full((b,), schedule.num_train_timesteps - 1)
         noisy = torch.zeros_like(target)
     else:  # noise only the target observation (Sec. 3.2)
         t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
         eps = torch.randn(target.shape, generator=generator).to(device, dtype)
-        alpha = schedule.alpha(t).to(device, dtype).view(shape)
-        sigma = schedule.sigma(t).to(device, dtype).view(shape)
-        noisy = alpha * target + sigma * eps
+        noisy = schedule.add_noise(target, eps, t)
     inputs = generator_inputs(forward_model, context, noisy, target_view)
     signal = model(inputs, t.to(device), return_dict=False)[0]
 

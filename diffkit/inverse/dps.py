@@ -42,14 +42,17 @@ def dps(
     generator=None,
     cond: dict | None = None,
     callback=None,
+    timesteps=None,
 ) -> torch.Tensor:
     """DPS (Chung et al. 2023, Algorithm 1) on the solver core's DDIM walk; ``zeta`` is the official ``scale``
     (1.0 by default; the paper's configs use 0.3-1.0). ``callback(info)`` after every guided step, as in the
-    solvers ({"step", "t", "x", "x0"}; a returned {"x": ...} replaces the sample)."""
+    solvers ({"step", "t", "x", "x0"}; a returned {"x": ...} replaces the sample). ``timesteps``: the walk (a
+    ``StepGrid`` or decreasing array; default DDIM's spacing of ``num_inference_steps`` on the schedule)."""
     if not (isinstance(zeta, (int, float)) and math.isfinite(zeta) and zeta >= 0):
         raise ValueError(f"zeta must be a finite number >= 0, got {zeta!r}")
     x = initial_noise(operator, y, x_T, generator)
-    timesteps = make_timesteps(denoiser.schedule, "ddim", num_inference_steps)
+    if timesteps is None:  # a pipeline passes its scheduler's own walk (flow models have no DDIM spacing)
+        timesteps = make_timesteps(denoiser.schedule, "ddim", num_inference_steps)
     current = [x.detach().requires_grad_(True)]  # x_i, the leaf each step's x0_hat is differentiated against
 
     def guide(info):

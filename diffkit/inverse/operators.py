@@ -101,6 +101,12 @@ class Operator:
         """This operator followed by ``other``: x -> other(self(x))."""
         return Compose(self, other)
 
+    @classmethod
+    def from_deepinv(cls, physics, sigma_y: float | None = None) -> "Operator":
+        """A deepinv ``Physics`` as an operator on [-1, 1] images: x -> physics.A((x + 1) / 2), noise-free, with
+        ``pinv`` from its ``A_dagger`` and the adjoint of its linear part (``DeepinvOperator``)."""
+        return DeepinvOperator(physics, sigma_y)
+
 
 def check_measurement(operator, y: torch.Tensor, image_shape) -> None:
     """Raise ValueError unless y is a finite tensor of the shape ``operator`` maps ``image_shape`` to.
@@ -246,6 +252,7 @@ class SuperResolution(Operator):
 
     def forward(self, x):
         # a reshape-mean rather than F.avg_pool2d, whose float64 CPU backward is ~100x slower
+        self.output_shape(x.shape)  # the size must divide by the factor
         f = self.factor
         return x.unflatten(-1, (x.shape[-1] // f, f)).unflatten(-3, (x.shape[-2] // f, f)).mean((-3, -1))
 
@@ -279,6 +286,7 @@ class BicubicDownsampling(SuperResolution):
         self.cg_iters, self.cg_tol = cg_iters, cg_tol
 
     def forward(self, x):
+        self.output_shape(x.shape)  # the size must divide by the factor
         size = (x.shape[-2] // self.factor, x.shape[-1] // self.factor)
         return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
 
@@ -497,6 +505,51 @@ class Compose(Operator):
         for op in reversed(self.ops):
             shape = tuple(op.input_shape(shape)) if hasattr(op, "input_shape") else shape
         return shape
+
+
+# -- deepinv's forward models ----------------------------------------------------------------------
+# deepinv works on images in [0, 1], diffkit on [-1, 1]; measurements stay in deepinv's units, so a measurement
+# deepinv made can be passed as it is. deepinv is an optional peer (it needs torchvision); nothing here imports it.
+
+
+class DeepinvOperator(Operator):
+    """x -> A((x + 1) / 2) for a deepinv ``Physics``: ``pinv`` is deepinv's ``A_dagger`` mapped back to [-1, 1] (a right
+    inverse wherever A_dagger is one), ``adjoint`` is the adjoint of the linear part, A^T y / 2."""
+
+    def __init__(self, physics, sigma_y: float | None = None):
+        if not callable(getattr(physics, "A", None)):
+            raise TypeError(f"physics must be a deepinv Physics with a noise-free A(x), got {type(physics).__name__}")
+        if sigma_y is None:  # deepinv's Gaussian noise model carries its std
+            sigma_y = float(getattr(getattr(physics, "noise_model", None), "sigma", 0.0) or 0.0)
+        super().__init__(sigma_y)
+        self.physics = physics
+        self.linear_part = callable(getattr(physics, "A_adjoint", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.physics.A((x + 1) / 2)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """The adjoint of x -> A(x) / 2, the linear part of this affine map."""
+        if not self.linear_part:
+            raise TypeError(f"{type(self.physics).__name__} is not a linear physics: it has no A_adjoint")
+        return self.physics.A_adjoint(y) / 2
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        if callable(getattr(self.physics, "A_dagger", None)):
+            return 2 * self.physics.A_dagger(y) - 1
+        if self.linear_part:
+            return 2 * self.physics.A_adjoint(y) - 1
+        return super().pinv(y)
+
+    def output_shape(self, input_shape) -> tuple[int, ...]:
+        with torch.no_grad():
+            return tuple(self.forward(torch.zeros(_image_shape(input_shape))).shape)
+
+    def input_shape(self, output_shape) -> tuple[int, ...]:
+        if not self.linear_part:
+            raise ValueError("the image shape of a nonlinear deepinv physics is unknown: pass the starting noise")
+        with torch.no_grad():
+            return tuple(self.physics.A_adjoint(torch.zeros(tuple(int(n) for n in output_shape))).shape)
 
 
 def _number(spec: str, text: str, kind):

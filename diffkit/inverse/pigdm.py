@@ -54,15 +54,17 @@ def pigdm(
     generator=None,
     cond: dict | None = None,
     callback=None,
+    timesteps=None,
 ) -> torch.Tensor:
     """PiGDM (Song et al. 2023), noiseless form, on the solver core's DDIM(eta) walk: needs ``operator.pinv``, a
     right inverse (A(pinv(y)) = y), and ``forward``; the operator may be nonlinear, and sigma_y is not used.
-    ``callback`` as in the solvers."""
+    ``callback`` and ``timesteps`` as in ``dps``."""
     if not hasattr(operator, "pinv"):
         raise ValueError(f"pigdm needs operator.pinv, a pseudo-inverse; {type(operator).__name__} has none")
     if not (isinstance(guidance_scale, (int, float)) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
     x = initial_noise(operator, y, x_T, generator)
     guided = _PseudoinverseGuided(denoiser, operator, operator.pinv(y), guidance_scale)
-    timesteps = make_timesteps(denoiser.schedule, "ddim", num_inference_steps)
+    if timesteps is None:  # a pipeline passes its scheduler's own walk (flow models have no DDIM spacing)
+        timesteps = make_timesteps(denoiser.schedule, "ddim", num_inference_steps)
     return sample_ddim(guided, x, timesteps, cond=cond, generator=generator, callback=callback, eta=eta).detach()

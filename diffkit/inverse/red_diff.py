@@ -153,7 +153,7 @@ def red_diff(
         for i, t in enumerate(timesteps.tolist()):
             alpha, sigma = schedule.alpha(t).item(), schedule.sigma(t).item()
             eps = randn_tensor(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            x_t = alpha * mu.detach() + sigma * eps
+            x_t = schedule.add_noise(mu.detach(), eps, t)
             with torch.no_grad():
                 out = denoiser(x_t, torch.tensor(t, device=mu.device), cond)
                 eps_hat = convert(out, denoiser.prediction_type, "epsilon", x_t, alpha, sigma)
