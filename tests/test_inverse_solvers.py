@@ -295,7 +295,7 @@ def test_red_diff_accepts_a_user_forward_model():
     y = Brighten().forward(mean)
     with pytest.raises(ValueError, match="no pinv, adjoint or input_shape"):
         red_diff(denoiser, y, Brighten(), num_steps=2)
-    out = red_diff(denoiser, y, Brighten(), num_steps=200, lr=0.05, init=torch.zeros(SHAPE, dtype=torch.float64))
+    out = red_diff(denoiser, y, Brighten(), num_steps=200, lr=0.05, lam=0.25, init=torch.zeros(SHAPE, dtype=torch.float64))
     assert (Brighten().forward(out) - y).norm() < 0.1 * y.norm()
 
 
