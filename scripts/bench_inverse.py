@@ -2,30 +2,35 @@
 pseudo-inverse, noisy (sigma_y = 0.05 on the [-1, 1] scale) and noiseless (the RED-Diff paper's headline setting).
 
 Tasks: the bottom half of the image missing, SR x2 (average pooling), Gaussian deblurring (std 1 px, circular).
-Prior: the embedded default model's unconditional (null-class) branch, through ``RedDiffPipeline`` as a user
-calls it. Splits of the 500 held-out digits, class-balanced: validation = the first ``--val-per-class`` of
+Prior: the embedded default model's unconditional (null-class) branch, through ``InverseProblemPipeline`` as a
+user calls it. Splits of the 500 held-out digits, class-balanced: validation = the first ``--val-per-class`` of
 each class, test = the next ``--test-per-class``.
 
-For each task the sweep (RED-Diff: lr x steps at lam 1.0, the paper's noise levels; DPS: zeta x steps) runs on the
-validation split with noisy measurements, and the
-best mean PSNR of each method is reported on the test split at both noise levels, with the official RED-Diff
-benchmark run (``sample_batch.sh``: 1,000 steps, lr 0.1, lam 1.0), PiGDM (100 steps) and
-the pseudo-inverse. Metrics against the clean digits: PSNR, SSIM, the digits classifier's accuracy, and seconds
-per image (the whole split in one run; torch threads as set; a shared machine makes them indicative). Paired
-PSNR differences come with a 95% t-interval and the smallest difference the test split could detect (80% power,
-two-sided 5%).
+For each task the sweep (RED-Diff: lr x steps at lam 1.0 with the paper's noise levels; DPS: zeta x steps) is
+scored on the validation split with noisy measurements; each method's configuration of best mean PSNR there is
+reported on the test split at both noise levels, beside the official RED-Diff benchmark run (``sample_batch.sh``:
+1,000 steps, lr 0.1, lam 1.0, itself one of the sweep's candidates), PiGDM (100 steps) and the pseudo-inverse.
+None of the three methods reads sigma_y, so each configuration runs once on one batch holding the validation
+measurements and the test measurements at both noise levels (a sample's result does not depend on its batch
+neighbours, only its noise draws do; only the choice reads the validation part). Metrics against the clean digits: PSNR, SSIM, the digits
+classifier's accuracy, and seconds per image (the batch's time over its size; one torch thread unless set; a
+shared machine makes them indicative). Paired PSNR differences come with a 95% t-interval and the smallest
+difference the test split could detect (80% power, two-sided 5%).
+
+The sweep is sized for a one-thread CPU run of about 45 minutes (``--cache-dir`` keeps every finished run, so an
+interrupted benchmark resumes): RED-Diff lr 0.05 / 0.1 / 0.25 at 100 steps and the official lr 0.1 at 1,000;
+DPS zeta 0.3 / 1 / 3 at 100 steps and zeta 1 at 250 (the paper runs 1,000 DDPM steps: a budget deviation).
 
 deepinv needs torch 2.14 + torchvision, which cannot live beside diffkit's torch: with ``--peer-python`` its DPS
 and DiffPIR run on the test split in their own environment through ``scripts/inverse_peer.py``; without it the
 table quotes the rows measured before (another digit set), marked as such. Writes assets/bench_inverse.md and
-.png. ``--cache-dir`` keeps every finished run, so an interrupted benchmark resumes.
+.png through ``diffkit.bench``.
 
-    python scripts/bench_inverse.py --cache-dir /tmp/inverse_cache      # 10 validation, 30 test digits
+    python scripts/bench_inverse.py --cache-dir /tmp/inverse_cache      # 10 validation, 20 test digits
     python scripts/bench_inverse.py --quick                              # a few digits, few steps
 """
 
 import argparse
-import itertools
 import json
 import math
 import subprocess
@@ -38,12 +43,13 @@ from safetensors.torch import load_file, save_file
 from scipy import stats
 
 import diffkit
-from diffkit.data import colored_digits
 from diffkit.assets import DEFAULT_MODEL
-from diffkit.images import image_grid, save_png_atomic, to_pil, write_text_atomic
+from diffkit.bench import markdown_table, write_results
+from diffkit.data import colored_digits
+from diffkit.images import image_grid, to_pil
 from diffkit.inverse import Blur, Inpainting, SuperResolution
 from diffkit.metrics import class_accuracy, psnr, ssim
-from diffkit.pipelines import RedDiffPipeline
+from diffkit.pipelines import InverseProblemPipeline
 
 
 SIGMA_Y = 0.05
@@ -82,14 +88,13 @@ def splits(val_per_class: int, test_per_class: int):
 
 
 def sweep(quick: bool) -> dict:
-    """method -> list of (label, pipeline method, steps, method_kwargs)."""
-    red_lrs, red_steps, official = ((0.1, 0.25), (15,), 15) if quick else ((0.025, 0.05, 0.1, 0.25), (100, 1000), 1000)
-    zetas, dps_steps = ((1.0, 2.0), (15,)) if quick else ((0.3, 1.0, 3.0), (250, 1000))
+    """method -> list of (label, pipeline method, steps, method_kwargs); the first RED-Diff entry is the official run."""
+    official = 15 if quick else 1000
+    red = ((0.1, official),) + (((0.25, 15), (0.1, 5)) if quick else ((0.05, 100), (0.1, 100), (0.25, 100)))
+    dps = ((1.0, 15), (2.0, 15)) if quick else ((0.3, 100), (1.0, 100), (3.0, 100), (1.0, 250))
     return {
-        "RED-Diff": [(f"lr {lr}, {n} steps", "red_diff", n, {"lr": lr, "lam": 1.0}) for lr, n in itertools.product(red_lrs, red_steps)],
-        "RED-Diff, model's own timesteps": [(f"lr 0.1, {official} steps", "red_diff", official,
-                                             {"lr": 0.1, "lam": 1.0, "noise_levels": "model"})],
-        "DPS": [(f"zeta {z}, {n} steps", "dps", n, {"zeta": z}) for z, n in itertools.product(zetas, dps_steps)],
+        "RED-Diff": [(f"lr {lr}, {n} steps", "red_diff", n, {"lr": lr, "lam": 1.0}) for lr, n in red],
+        "DPS": [(f"zeta {z}, {n} steps", "dps", n, {"zeta": z}) for z, n in dps],
     }
 
 
@@ -174,112 +179,105 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--val-per-class", type=int, default=1)
-    parser.add_argument("--test-per-class", type=int, default=3)
+    parser.add_argument("--test-per-class", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--peer-python", default=None, help="python of an environment with deepinv (see docstring)")
     parser.add_argument("--cache-dir", default=None, help="keep finished runs here and reuse them")
     parser.add_argument("--out", default="assets")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.val_per_class, args.test_per_class = 1, 1  # 10 + 10 digits... at a few steps
     data = splits(args.val_per_class, args.test_per_class)
     if args.quick:
         data = {name: (x[::3], labels[::3]) for name, (x, labels) in data.items()}  # 4 digits each
 
-    pipe = RedDiffPipeline.from_pipe(diffkit.load_pipeline())
+    pipe = InverseProblemPipeline.from_pipe(diffkit.load_pipeline())
     pipe.set_progress_bar_config(disable=True)
     run = Runner(pipe, Path(args.cache_dir) if args.cache_dir else None)
     configs = sweep(args.quick)
-    official_steps = 15 if args.quick else 1000
+    official = configs["RED-Diff"][0]
+    pigdm_steps = 10 if args.quick else 100
     settings = {"sigma_y = 0.05": SIGMA_Y, "sigma_y = 0 (noiseless)": 0.0}
-    n_val, n_test = len(data["val"][0]), len(data["test"][0])
+    (x_val, _), (x, labels) = data["val"], data["test"]
+    n_val, n_test = len(x_val), len(x)
+    # one batch per task: validation (noisy), then the test split at each noise level
+    parts = {"val": slice(0, n_val)}
+    parts.update({setting: slice(n_val + i * n_test, n_val + (i + 1) * n_test) for i, setting in enumerate(settings)})
 
-    val_rows, test, chosen, figure_rows = [], {}, {}, []
-    for setting, sigma_y in settings.items():
-        for name, op in tasks(sigma_y).items():
-            measure = {split: op.measure(x, generator=torch.Generator().manual_seed(0)) for split, (x, _) in data.items()}
-            if sigma_y > 0:  # validation (noisy measurements): every configuration, the best mean PSNR per method
-                for method, grid in configs.items():
-                    scores = {}
-                    for label, kind, steps, kwargs in grid:
-                        key = f"val {setting} {name} {method} {label}"
-                        out, _ = run(key, measure["val"], op, kind, steps, kwargs)
-                        scores[label] = psnr(out.clamp(-1, 1), data["val"][0]).mean().item()
-                    best = max(scores, key=scores.get)
-                    if method != "RED-Diff, model's own timesteps":
-                        chosen[name, method] = next(c for c in grid if c[0] == best)
-                    val_rows.append(f"| {name} | {method} | " + ", ".join(
-                        f"{label}: {'**' if label == best else ''}{score:.2f}{'**' if label == best else ''}"
-                        for label, score in scores.items()) + " |")
-            # test: the chosen configurations, the official run, PiGDM and the pseudo-inverse
-            y, x = measure["test"], data["test"][0]
-            rows = {"pseudo-inverse": ("A^+ y", op.pinv(y).clamp(-1, 1), 0.0)}
-            for method in ("RED-Diff", "DPS"):
-                label, kind, steps, kwargs = chosen[name, method]
-                out, seconds = run(f"test {setting} {name} {method} {label}", y, op, kind, steps, kwargs)
-                rows[f"{method}, tuned"] = (label, out, seconds)
-            label = f"lr 0.1, {official_steps} steps"
-            out, seconds = run(f"test {setting} {name} RED-Diff {label}", y, op, "red_diff", official_steps, {"lr": 0.1, "lam": 1.0})
-            rows["RED-Diff, official script"] = (label, out, seconds)
-            pigdm_steps = 10 if args.quick else 100
-            out, seconds = run(f"test {setting} {name} PiGDM {pigdm_steps}", y, op, "pigdm", pigdm_steps, {})
-            rows["PiGDM"] = (f"{pigdm_steps} steps", out, seconds)
+    val_rows, test, figure_rows = [], {}, []
+    for name, op in tasks(SIGMA_Y).items():
+        y = torch.cat([op.measure(x_val, generator=torch.Generator().manual_seed(0)),
+                       op.measure(x, generator=torch.Generator().manual_seed(0)), op.forward(x)])
+        outputs, chosen = {}, {}
+        for method, grid in configs.items():
+            scores = {}
+            for config in grid:
+                label, kind, steps, kwargs = config
+                outputs[method, label] = run(f"{name} {method} {label}", y, op, kind, steps, kwargs)
+                scores[label] = psnr(outputs[method, label][0][parts["val"]].clamp(-1, 1), x_val).mean().item()
+            best = max(scores, key=scores.get)
+            chosen[method] = best
+            val_rows.append([name, method, ", ".join(f"{label}: " + (f"**{score:.2f}**" if label == best else f"{score:.2f}")
+                                                    for label, score in scores.items())])
+        pigdm = run(f"{name} PiGDM {pigdm_steps}", y, op, "pigdm", pigdm_steps, {})
+        for setting in settings:
+            part = parts[setting]
+            rows = {"pseudo-inverse": ("A^+ y", op.pinv(y[part]).clamp(-1, 1), 0.0)}
+            for method in configs:
+                out, seconds = outputs[method, chosen[method]]
+                rows[f"{method}, tuned"] = (chosen[method], out[part], seconds)
+            out, seconds = outputs["RED-Diff", official[0]]
+            rows["RED-Diff, official script"] = (official[0], out[part], seconds)
+            rows["PiGDM"] = (f"{pigdm_steps} steps", pigdm[0][part], pigdm[1])
             test[setting, name] = rows
             figure_rows += [out[:8] for _, out, _ in rows.values()]
 
     peer_note = ("deepinv rows: measured before on the first 100 held-out digits (classes 0 and 1 only), not this "
                  "test split; deepinv needs its own Python (run with --peer-python to measure them here).")
-    peer = {}
     if args.peer_python:
         name0 = next(iter(settings))
         ops = tasks(SIGMA_Y)
-        ys = {name: op.measure(data["test"][0], generator=torch.Generator().manual_seed(0)) for name, op in ops.items()}
-        peer, info = run_peer(args.peer_python, ops, data["test"][0], ys, args.quick)
+        ys = {name: op.measure(x, generator=torch.Generator().manual_seed(0)) for name, op in ops.items()}
+        peer, info = run_peer(args.peer_python, ops, x, ys, args.quick)
         peer_note = f"deepinv {info['versions'].get('deepinv')} on this test split: settings {json.dumps(info['settings'])}."
         for (name, label), (out, seconds) in peer.items():
             test[name0, name][label] = ("its defaults", out.clamp(-1, 1), seconds)
 
-    x, labels = data["test"]
-    lines = [
-        f"Test split: {n_test} held-out digits ({args.test_per_class} per class); hyperparameters chosen by mean PSNR on "
-        f"a separate validation split of {n_val} ({args.val_per_class} per class) with sigma_y = {SIGMA_Y}, and used "
-        f"for both noise levels. Prior: the default model's "
-        f"unconditional branch through RedDiffPipeline. RED-Diff: lam 1.0, the paper's noise levels "
-        f"(noise_levels=\"adm\"); official script = sample_batch.sh's 1,000 steps, lr 0.1, lam 1.0. DPS: eta 1 "
-        f"(ancestral). Torch threads {torch.get_num_threads()}; seconds on a shared machine are indicative.",
-        "",
-        "| setting | task | method | settings | PSNR | SSIM | accuracy | s / image |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for (setting, name), rows in test.items():
-        for method, (label, out, seconds) in rows.items():
-            lines.append(f"| {setting} | {name} | {method} | {label} | {psnr(out, x).mean():.2f} | {ssim(out, x).mean():.3f} | "
-                         f"{class_accuracy(out, labels):.1%} | {seconds:.3f} |")
+    rows = []
+    for (setting, name), methods in test.items():
+        for method, (label, out, seconds) in methods.items():
+            rows.append([setting, name, method, label, f"{psnr(out, x).mean():.2f} ± {psnr(out, x).std():.2f}",
+                         f"{ssim(out, x).mean():.3f}", f"{class_accuracy(out, labels):.1%}", f"{seconds:.3f}"])
     if not args.peer_python:
         for (name, method), (p, s, acc, seconds) in DEEPINV_BEFORE.items():
-            lines.append(f"| sigma_y = 0.05 | {name} | {method} | its defaults (earlier digit set) | {p:.2f} | {s:.3f} | {acc:.1%} | {seconds:.3f} |")
-    lines += ["", peer_note, "",
-              "Paired PSNR differences on the test split (dB): mean [95% interval] (the smallest difference these digits "
-              "detect with 80% power, two-sided 5%).", "",
-              "| setting | task | RED-Diff tuned - DPS tuned | RED-Diff official - DPS tuned | RED-Diff tuned - official |",
-              "|---|---|---|---|---|"]
-    for (setting, name), rows in test.items():
-        p = {method: psnr(out, x) for method, (_, out, _) in rows.items()}
-        lines.append(f"| {setting} | {name} | {paired(p['RED-Diff, tuned'], p['DPS, tuned'])} | "
-                     f"{paired(p['RED-Diff, official script'], p['DPS, tuned'])} | "
-                     f"{paired(p['RED-Diff, tuned'], p['RED-Diff, official script'])} |")
-    lines += ["", f"Validation sweep (sigma_y = {SIGMA_Y}): mean PSNR on the {n_val} validation digits (best in bold). "
-              "RED-Diff at lam 1.0 with the paper's noise levels, and at the official settings on the model's own "
-              "timesteps (not chosen from).", "",
-              "| task | method | configurations |", "|---|---|---|", *val_rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(out_dir / f"bench_inverse{suffix}.md", table)
-    # the clean test digits on top, then per setting and task one row per method (table order)
+            rows.append(["sigma_y = 0.05", name, method, "its defaults (earlier digit set)", f"{p:.2f}", f"{s:.3f}",
+                         f"{acc:.1%}", f"{seconds:.3f}"])
+    note = (f"Test split: {n_test} held-out digits ({args.test_per_class} per class); hyperparameters chosen by mean "
+            f"PSNR on a separate validation split of {n_val} ({args.val_per_class} per class) with sigma_y = {SIGMA_Y}, "
+            f"and used at both noise levels. Prior: the default model's unconditional branch through "
+            f"InverseProblemPipeline. RED-Diff: lam 1.0, the paper's noise levels (noise_levels=\"adm\"); official "
+            f"script = sample_batch.sh's {official[0]} (lam 1.0). DPS: eta 1 (ancestral). PSNR: mean ± std over the "
+            f"digits. Seconds per image: a batch of {n_val + 2 * n_test} (validation and both test sets) over its size, "
+            f"torch threads {torch.get_num_threads()}, on a shared machine (indicative).")
+    table = markdown_table(["setting", "task", "method", "settings", "PSNR", "SSIM", "accuracy", "s / image"], rows, note)
+    differences = []
+    for (setting, name), methods in test.items():
+        p = {method: psnr(out, x) for method, (_, out, _) in methods.items()}
+        differences.append([setting, name, paired(p["RED-Diff, tuned"], p["DPS, tuned"]),
+                            paired(p["RED-Diff, official script"], p["DPS, tuned"]),
+                            paired(p["RED-Diff, tuned"], p["RED-Diff, official script"])])
+    table += "\n" + peer_note + "\n\n" + markdown_table(
+        ["setting", "task", "RED-Diff tuned - DPS tuned", "RED-Diff official - DPS tuned", "RED-Diff tuned - official"],
+        differences, "Paired PSNR differences on the test split (dB): mean [95% interval] (the smallest difference "
+        "these digits detect with 80% power, two-sided 5%).")
+    table += "\n" + markdown_table(
+        ["task", "method", "configurations"], val_rows,
+        f"Validation sweep (sigma_y = {SIGMA_Y}): mean PSNR on the {n_val} validation digits (best in bold); RED-Diff "
+        f"at lam 1.0 with the paper's noise levels, DPS with eta 1.")
+    # the clean test digits on top, then per task and setting one row per method (table order)
     grid = image_grid(to_pil(torch.cat([x[:8]] + [r.clamp(-1, 1) for r in figure_rows])), ncols=min(8, n_test), tile=32)
-    save_png_atomic(grid, out_dir / f"bench_inverse{suffix}.png")
+    write_results(args.out, "bench_inverse", args.quick, table, images={"bench_inverse": grid})
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_bench_adjoint_quick(tmp_path):
 def test_bench_inverse_quick(tmp_path):
     stdout = _run("bench_inverse.py", tmp_path)
     rows = [r.split("|") for r in stdout.splitlines() if r.startswith("| sigma_y")]
-    main = {(r[1].strip(), r[2].strip(), r[3].strip()): float(r[5]) for r in rows if len(r) == 10}
+    main = {(r[1].strip(), r[2].strip(), r[3].strip()): float(r[5].split()[0]) for r in rows if len(r) == 10}  # "mean ± std"
     assert len(main) == 2 * 3 * 5 + 6  # two noise levels x three tasks x five rows, and the earlier deepinv rows
     for task in ("inpaint half", "deblur"):  # the prior adds what the noisy measurement lacks, even at 15 steps
         for method in ("RED-Diff, tuned", "DPS, tuned"):
