@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "default"  # the embedded default pipeline (diffusers format)
 CLASSIFIER = ROOT / "classifier"  # the digits classifier behind the metrics
 MODALITY_ADAPTERS = ROOT / "modalities"  # T2I-Adapters for the default model, one folder per modality
+UPSR_MODEL = ROOT / "upsr"  # UpscalePipeline, x2 for 8x8 coloured digits (scripts/bench_upsr.py, seed 0)
 
 
 def cards_folder() -> Path:

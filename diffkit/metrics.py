@@ -1,12 +1,13 @@
 """diffkit's measuring stick. Images are float tensors in [-1, 1], shape (N, 3, H, W), unless said otherwise.
 
 - ``fd``: Frechet distance between Gaussians fitted to two sets' digits-classifier penultimate features
-  (FID's formula on a digits network; lower is closer).
+  (FID's formula on a digits network; lower is closer). ``FeatureStats`` accumulates the Gaussian batch by batch.
 - ``class_accuracy``: fraction of samples the digits classifier labels as the class that was asked for.
 - ``saturation``: mean HSV saturation (max - min) / max over all pixels of the [0, 1] images.
 - ``clipped_fraction``: fraction of channel values at or beyond the [-1, 1] range (on raw, unclamped output).
 - ``psnr`` / ``ssim``: per-image fidelity to a reference (Wang et al. 2004 SSIM, 11x11 Gaussian window).
-- ``precision_recall``: improved precision and recall (Kynkaanniemi et al. 2019) by k-NN balls in feature space.
+- ``precision_recall``: improved precision and recall (Kynkaanniemi et al. 2019) by k-NN balls in feature space,
+  computed by blocks in O(N k) memory.
 """
 
 import torch
@@ -33,21 +34,88 @@ def classifier_features(images: torch.Tensor, classifier=None, batch_size: int =
     return torch.cat([classifier.features(b.clamp(-1, 1)) for b in images.split(batch_size)])
 
 
-def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+class FeatureStats:
+    """Running mean and covariance of feature rows, in float64, updated one batch at a time.
+
+    Batches merge by Chan et al.'s pairwise update (each batch's centred scatter plus the shift of its mean),
+    which stays accurate where a raw sum of outer products would cancel; two ``FeatureStats`` merge the same
+    way, so processes that saw different rows combine exactly. Memory is O(D^2) whatever the number of rows.
+    """
+
+    def __init__(self, dim: int):
+        if not (isinstance(dim, int) and dim > 0):
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.scatter = torch.zeros(dim, dim, dtype=torch.float64)  # sum of (x - mean)(x - mean)^T
+
+    def _merge(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.scatter += scatter + torch.outer(delta, delta) * (self.count * count / total)
+        self.mean += delta * (count / total)
+        self.count = total
+
+    def update(self, feats: torch.Tensor) -> "FeatureStats":
+        """Add the rows of an (N, D) batch."""
+        if not torch.is_tensor(feats) or feats.ndim != 2 or feats.shape[1] != len(self.mean):
+            raise ValueError(f"feats must be an (N, {len(self.mean)}) tensor, got shape {tuple(getattr(feats, 'shape', ()))}")
+        if len(feats):
+            x = feats.detach().to("cpu", torch.float64)
+            if not torch.isfinite(x).all():
+                raise ValueError("feats contain NaN or inf")
+            mean = x.mean(0)
+            centred = x - mean
+            self._merge(len(x), mean, centred.T @ centred)
+        return self
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """Add the rows another ``FeatureStats`` has seen."""
+        if other.count:
+            self._merge(other.count, other.mean, other.scatter)
+        return self
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """The unbiased sample covariance (divided by N - 1), as ``torch.cov`` and FID implementations use."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 rows, got {self.count}")
+        return self.scatter / (self.count - 1)
+
+
+def frechet_distance_from_stats(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2}), in float64.
 
     tr((S_a S_b)^{1/2}) is the sum of square roots of the eigenvalues of S_a^{1/2} S_b S_a^{1/2}, which is
     symmetric positive semi-definite, so no non-symmetric matrix square root is needed.
     """
-    a, b = feats_a.double(), feats_b.double()
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two (N >= 2, D) feature sets of equal D, got {tuple(a.shape)} and {tuple(b.shape)}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    mu_a, mu_b, cov_a, cov_b = (torch.as_tensor(v, dtype=torch.float64) for v in (mu_a, mu_b, cov_a, cov_b))
+    d = mu_a.shape[-1] if mu_a.ndim == 1 else -1
+    if mu_a.ndim != 1 or mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
+        raise ValueError(f"need means (D,) and covariances (D, D) of one D, got {tuple(mu_a.shape)}, {tuple(cov_a.shape)}, "
+                         f"{tuple(mu_b.shape)}, {tuple(cov_b.shape)}")
     evals, evecs = torch.linalg.eigh(cov_a)
     sqrt_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
     cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets, each an (N >= 2, D) tensor or a
+    ``FeatureStats`` (see ``frechet_distance_from_stats`` for the formula)."""
+    stats = []
+    for name, feats in (("feats_a", feats_a), ("feats_b", feats_b)):
+        if isinstance(feats, FeatureStats):
+            stats.append(feats)
+            continue
+        if not torch.is_tensor(feats) or feats.ndim != 2 or len(feats) < 2:
+            raise ValueError(f"{name} must be an (N >= 2, D) tensor or FeatureStats, got shape {tuple(getattr(feats, 'shape', ()))}")
+        stats.append(FeatureStats(feats.shape[1]).update(feats))
+    a, b = stats
+    if len(a.mean) != len(b.mean) or min(a.count, b.count) < 2:
+        raise ValueError(f"need two feature sets of >= 2 rows and equal D, got {a.count} x {len(a.mean)} and "
+                         f"{b.count} x {len(b.mean)}")
+    return frechet_distance_from_stats(a.mean, a.covariance, b.mean, b.covariance)
 
 
 def fd(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
@@ -109,16 +177,68 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     return s.flatten(1).mean(1).float()
 
 
-def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3) -> tuple[float, float]:
+def _checked_pair(real_feats, fake_feats, k) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    for name, feats in (("real_feats", real_feats), ("fake_feats", fake_feats)):
+        if not torch.is_tensor(feats) or feats.ndim != 2:
+            raise ValueError(f"{name} must be an (N, D) tensor, got shape {tuple(getattr(feats, 'shape', ()))}")
+        if not torch.isfinite(feats).all():
+            raise ValueError(f"{name} contain NaN or inf")
+    if real_feats.shape[1] != fake_feats.shape[1]:
+        raise ValueError(f"real_feats and fake_feats must have one feature dimension, got {real_feats.shape[1]} and "
+                         f"{fake_feats.shape[1]}")
+    if min(len(real_feats), len(fake_feats)) <= k:
+        raise ValueError(f"precision_recall needs more than k = {k} samples per set, got {len(real_feats)} real and "
+                         f"{len(fake_feats)} fake")
+    return real_feats.double(), fake_feats.double()
+
+
+def _kth_neighbour_radii(support: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Distance from each row to its k-th nearest neighbour in ``support`` (the row itself is the 0-th), by
+    blocks of rows x blocks of columns, keeping only the k + 1 smallest distances per row: O(N k + block^2)."""
+    radii = torch.empty(len(support), dtype=support.dtype)
+    for r in range(0, len(support), block):
+        rows = support[r : r + block]
+        nearest = torch.full((len(rows), 0), float("inf"), dtype=support.dtype)
+        for c in range(0, len(support), block):
+            candidates = torch.cat([nearest, torch.cdist(rows, support[c : c + block])], dim=1)
+            nearest = candidates.topk(min(k + 1, candidates.shape[1]), dim=1, largest=False).values
+        radii[r : r + len(rows)] = nearest[:, k]
+    return radii
+
+
+def _covered(support: torch.Tensor, radii: torch.Tensor, queries: torch.Tensor, block: int) -> float:
+    """Fraction of queries within some support row's k-NN ball, by blocks (no queries x support matrix)."""
+    inside = torch.zeros(len(queries), dtype=torch.bool)
+    for r in range(0, len(queries), block):
+        q = queries[r : r + block]
+        for c in range(0, len(support), block):
+            inside[r : r + len(q)] |= (torch.cdist(q, support[c : c + block]) <= radii[c : c + block]).any(1)
+    return inside.sum().item() / len(queries)
+
+
+def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3, block_size: int = 1024) -> tuple[float, float]:
     """Improved precision (fakes inside some real sample's k-NN ball) and recall (reals inside some fake
-    sample's k-NN ball), Kynkaanniemi et al. (2019)."""
+    sample's k-NN ball), Kynkaanniemi et al. (2019), with k = 3 as in the paper.
+
+    Distances are computed in float64 by ``block_size`` x ``block_size`` blocks, keeping the k + 1 nearest per
+    row: memory O(N k + block_size^2), never the N x N matrix (``precision_recall_dense`` is that reference).
+    """
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    real, fake = _checked_pair(real_feats, fake_feats, k)
+    real_radii, fake_radii = _kth_neighbour_radii(real, k, block_size), _kth_neighbour_radii(fake, k, block_size)
+    return _covered(real, real_radii, fake, block_size), _covered(fake, fake_radii, real, block_size)
+
+
+def precision_recall_dense(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """The same measure from full N x N distance matrices (memory O(N^2)): the reference ``precision_recall`` is
+    tested and benchmarked against."""
 
     def covered(support: torch.Tensor, queries: torch.Tensor) -> float:
-        d_support = torch.cdist(support, support)
-        radii = d_support.kthvalue(k + 1, dim=1).values  # k-th neighbour, the point itself is the first
-        return (torch.cdist(queries, support) <= radii[None, :]).any(1).float().mean().item()
+        radii = torch.cdist(support, support).kthvalue(k + 1, dim=1).values  # the point itself is the first
+        return (torch.cdist(queries, support) <= radii[None, :]).any(1).sum().item() / len(queries)
 
-    real, fake = real_feats.double(), fake_feats.double()
-    if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision_recall needs more than k = {k} samples per set")
+    real, fake = _checked_pair(real_feats, fake_feats, k)
     return covered(real, fake), covered(fake, real)

@@ -2,7 +2,8 @@
 
 Samples 100 images per class with CFG scale 3 and 25 DPM-Solver++(2M) steps, classifies them with the
 shipped digits classifier, and prints per-class accuracy, FD to the held-out digits and saturation.
-Writes assets/default_eval.md and the sample grid assets/default_grid.png (10 per class, one row per class).
+Writes default_eval.md and the sample grid default_grid.png (10 per class, one row per class) to --out (default
+out/; the README's copies are made with --out assets).
 
     python scripts/eval_default.py           # 1,000 images, ~3 minutes on 2 CPU cores
     python scripts/eval_default.py --quick   # 20 per class
@@ -27,7 +28,7 @@ def main():
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--out", default="assets")
+    parser.add_argument("--out", default="out", help="folder for default_eval.md and default_grid.png (the README's: assets)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     per_class = 20 if args.quick else args.per_class
@@ -61,6 +62,7 @@ def main():
     print(table)
     if not args.quick:
         out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "default_eval.md", table)
         grid = torch.cat([images[labels == c][:10] for c in range(pipe.num_classes)])
         save_png_atomic(image_grid(to_pil(grid), ncols=10, tile=32), out / "default_grid.png")

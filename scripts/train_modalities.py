@@ -3,8 +3,9 @@
 Each modality (edges, low resolution, ink mask: ``diffkit.blend.MODALITIES``) is computed from the training
 digits themselves; the adapter learns to steer the frozen default UNet toward the image its control image came
 from, by the usual v-prediction loss with the adapter's features added to the UNet's encoder. Half the batch
-keeps its class label, half gets the null class, so the adapters work with and without a class. Under accelerate
-like the other training scripts. At the end the held-out loss with and without the adapter is recorded.
+keeps its class label, half gets the null class, so the adapters work with and without a class. Runs on diffkit's
+training loop (``diffkit.training.fit``) under accelerate. At the end the held-out loss with and without the adapter
+is recorded.
 
     python scripts/train_modalities.py --out assets/modalities
 """
@@ -16,13 +17,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 import diffkit
 from diffkit.blend import adapter_for, extract, injected
 from diffkit.data import NUM_CLASSES, colorize, gray_digits
 from diffkit.denoiser import Denoiser
-from diffkit.training import EMA, diffusion_loss
+from diffkit.training import diffusion_loss, fit
 
 
 def heldout_loss(unet, adapter, schedule, name, ink, labels, seed=0) -> dict:
@@ -40,33 +40,24 @@ def heldout_loss(unet, adapter, schedule, name, ink, labels, seed=0) -> dict:
 
 
 def train_one(name, unet, schedule, ink, labels, args, accelerator):
-    gen = torch.Generator().manual_seed(args.seed + accelerator.process_index)
-    torch.manual_seed(args.seed)
+    """One adapter on diffkit's training loop: the frozen UNet sees the adapter's features of the control image."""
+    torch.manual_seed(args.seed)  # the adapter's initial weights
     adapter = adapter_for(unet)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=0.0)
-    lr_lambda = lambda s: min(1.0, (s + 1) / args.warmup)  # noqa: E731
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    adapter, optimizer, lr_sched = accelerator.prepare(adapter, optimizer, lr_sched)
-    ema = EMA(accelerator.unwrap_model(adapter), args.ema)
-    log, start = [], time.time()
-    bar = tqdm(range(args.steps), disable=not accelerator.is_main_process, desc=f"adapter {name}")
-    for step in bar:
-        idx = torch.randint(0, len(ink), (args.batch_size,), generator=gen)
-        x0 = colorize(ink[idx], gen).to(accelerator.device)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
+
+    def loss_fn(net, step, generator):
+        idx = torch.randint(0, len(ink), (args.batch_size,), generator=generator)
+        x0 = colorize(ink[idx], generator).to(accelerator.device)
         y = labels[idx].clone()
-        y[torch.rand(args.batch_size, generator=gen) < args.p_uncond] = NUM_CLASSES
-        with injected(unet, adapter(extract(name, x0))):
-            loss = diffusion_loss(unet, schedule, "v_prediction", x0, {"class_labels": y.to(accelerator.device)}, gen)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(adapter.parameters(), 1.0)
-        optimizer.step()
-        lr_sched.step()
-        ema.update(accelerator.unwrap_model(adapter))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.append({"step": step, "loss": loss.item(), "seconds": time.time() - start})
-    return ema.model, log, time.time() - start
+        y[torch.rand(args.batch_size, generator=generator) < args.p_uncond] = NUM_CLASSES
+        with injected(unet, net(extract(name, x0))):
+            return diffusion_loss(unet, schedule, "v_prediction", x0, {"class_labels": y.to(accelerator.device)}, generator)
+
+    start = time.time()
+    result = fit(adapter, loss_fn, optimizer=optimizer, steps=args.steps, lr_scheduler=warmup, seed=args.seed,
+                 accelerator=accelerator, max_grad_norm=1.0, ema_decay=args.ema, desc=f"adapter {name}")
+    return result.averaged_model(), result.log, time.time() - start
 
 
 def main():

@@ -1,9 +1,12 @@
 """Every benchmark's --quick mode runs end to end, prints its table and writes its files."""
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +120,31 @@ def test_bench_blend_quick(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_bench_anagram_quick(tmp_path):
+    stdout = _run("bench_anagram.py", tmp_path)
+    rows = [r.split("|") for r in _table_rows(stdout) if r.count("|") == 11 and not r.startswith("| views")]
+    assert len(rows) == 2 * 4  # two view sets x (Geng, + NVR, + NVB + NVR, official rho)
+    max_abs = {(r[1].strip(), r[2].strip()): float(r[9]) for r in rows}
+    for views in ("rot90", "vflip"):
+        for method in ("Geng mean", "+ NVR", "+ NVB + NVR"):
+            assert max_abs[views, method] < 2  # samples stay in the data range
+        # the official rho = mean(eps_i eps_j) divides a c != 1 residual by alpha = 5e-5 at the first step
+        assert max_abs[views, "+ NVR (official rho)"] > 100
+    assert (tmp_path / "bench_anagram_quick.md").stat().st_size > 0
+    assert (tmp_path / "bench_anagram_quick.png").stat().st_size > 0
+
+
+def test_bench_upsr_quick(tmp_path):
+    stdout = _run("bench_upsr.py", tmp_path)
+    rows = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in _table_rows(stdout) if r.count("|") == 8}
+    assert list(rows) == ["bicubic", "g alone", "ResShift", "UPSR", "RED-Diff", "DPS"]
+    for cells in rows.values():
+        assert all(math.isfinite(float(c.split("+-")[0].rstrip("% "))) for c in cells)
+    differences = [r for r in _table_rows(stdout) if r.startswith("| PSNR") or r.startswith("| SSIM")]
+    assert len(differences) == 4  # PSNR, SSIM, PSNR low-u, PSNR high-u
+    assert (tmp_path / "bench_upsr_quick.md").stat().st_size > 0 and (tmp_path / "bench_upsr_quick.png").stat().st_size > 0
+
+
 def test_bench_realmodels_quick(tmp_path):
     """Every family's GuidedPipeline.from_pipe gives its diffusers pipeline's images; the time ratio is measured."""
     stdout = _run("bench_realmodels.py", tmp_path)
@@ -138,3 +166,16 @@ def test_bench_realmodels_gpu_mode_needs_cuda(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--gpu needs a CUDA device" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # a dozen subprocesses and a 2-process launch: 5.5 minutes on the shared 2 cores
+def test_bench_scale_quick(tmp_path):
+    stdout = _run("bench_scale.py", tmp_path)
+    rows = [r for r in stdout.splitlines() if r.startswith("| ") and not r.startswith(("| n |", "| N |", "| processes"))]
+    assert len(rows) == 1 + 2 + 1 + 2  # imports, two n, one precision / recall size, training on 1 and 2 processes
+    assert rows[3].rstrip().endswith("| yes |")  # the blocked k-NN gives the N x N result
+    cells = [float(c) for c in rows[2].strip("| ").split("|")[7:10]]  # FD, precision, recall of generated digits
+    assert cells[0] > 0 and 0 <= cells[1] <= 1 and 0 <= cells[2] <= 1
+    assert [r.split("|")[1].strip() for r in rows[4:]] == ["1", "2"]
+    for name in ("bench_scale_quick.md", "bench_scale_quick.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -55,7 +55,7 @@ def test_generate_writes_seeded_pngs_with_parameters(model_dir, tmp_path):
     assert _gen(model_dir, tmp_path, "--label", "3,7", "-n", "4", "--seed", "10", *APG) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     images = ["label3-seed000010.png", "label3-seed000012.png", "label7-seed000011.png", "label7-seed000013.png"]
-    assert names == ["grid.png", *images]
+    assert names == ["grid.png", *images, "manifest.jsonl"]
     for i, label in enumerate([3, 7, 3, 7]):
         image = PIL.Image.open(tmp_path / f"label{label}-seed{10 + i:06d}.png")
         record = json.loads(image.text["diffkit"])
@@ -106,7 +106,7 @@ def test_text_model_names_files_by_prompt_and_keeps_commas_parseable(text_model_
     prompt = "a red, round thing"
     assert _gen(text_model_dir, tmp_path, "--prompt", prompt, "--negative-prompt", "blurry", "-n", "2") == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["grid.png", "prompt0-seed000000.png", "prompt0-seed000001.png"]
+    assert names == ["grid.png", "manifest.jsonl", "prompt0-seed000000.png", "prompt0-seed000001.png"]
     image = PIL.Image.open(tmp_path / "prompt0-seed000001.png")
     lines = image.text["parameters"].splitlines()
     assert lines[:2] == [prompt, "Negative prompt: blurry"]

@@ -38,3 +38,19 @@ def test_default_model_draws_the_requested_digit():
 def test_default_model_quality_bar_full():
     """The bar as stated: 100 samples per class, CFG 3, 25 DPM-Solver++ steps."""
     assert _accuracy(per_class=100, seed=1) >= 0.9
+
+
+def test_the_default_models_builder_is_importable_and_builds_the_shipped_architecture():
+    """diffkit.recipe's builders (the recipe diffkit/recipes/default.json) make the shipped UNet and scheduler: the
+    same config, and the shipped weights load into the built UNet with every key matching."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffkit.recipe import build_default_scheduler, build_unet
+
+    public = lambda config: {k: v for k, v in dict(config).items() if not k.startswith("_")}  # noqa: E731
+    shipped = UNet2DModel.from_pretrained(diffkit.DEFAULT_MODEL, subfolder="unet")
+    unet = build_unet()
+    assert public(unet.config) == public(shipped.config)
+    unet.load_state_dict(shipped.state_dict(), strict=True)
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(diffkit.DEFAULT_MODEL, subfolder="scheduler")
+    assert public(build_default_scheduler().config) == public(scheduler.config)

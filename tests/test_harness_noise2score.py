@@ -189,7 +189,7 @@ def test_denoise_cards_need_a_noise_model_and_a_denoiser():
             "optimizer": {"name": "adam"}, "methods": {"n2s": {"algorithm": {"name": "noise2score"}}},
             "baseline": "n2s", "seeds": [0], "metric": "psnr", "metrics": ["psnr", "psnr_gain"], "expected": "e"}
     validate_card(card)
-    with pytest.raises(ValueError, match="must be a denoiser, one of noise2score, supervised_denoiser, got 'erm'"):
+    with pytest.raises(ValueError, match="must be a denoiser, one of deep_image_prior, noise2score, scoredvi, supervised_denoiser, got 'erm'"):
         validate_card({**card, "methods": {"n2s": {"algorithm": {"name": "erm"}}}})
     with pytest.raises(ValueError, match="needs a noise model"):
         validate_card({**card, "data": {"name": "sample_patches"}})

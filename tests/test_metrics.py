@@ -116,3 +116,86 @@ def test_shipped_classifier_reaches_97_percent_on_held_out_digits():
     # features separate classes: FD between two digits' sets is far larger than between two halves of one
     fives, sevens = images[labels == 5], images[labels == 7]
     assert metrics.fd(fives[:25], fives[25:]) * 3 < metrics.fd(fives, sevens)
+
+
+# -- streaming statistics and blocked k-NN (issue 23) -------------------------------------------------------------
+
+
+def test_feature_stats_streamed_in_batches_equal_one_pass_covariance():
+    """Chan's batch merge gives torch.cov's mean and covariance, also for features far from zero (where a raw sum
+    of outer products would lose the covariance to cancellation), and two halves merge into the whole."""
+    g = torch.Generator().manual_seed(0)
+    feats = 1e4 + torch.randn(1000, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    stats = metrics.FeatureStats(6)
+    for chunk in feats.split([1, 2, 97, 300, 600]):
+        stats.update(chunk)
+    assert stats.count == 1000
+    assert torch.allclose(stats.mean, feats.mean(0), rtol=0, atol=1e-9)
+    assert torch.allclose(stats.covariance, torch.cov(feats.T), rtol=1e-9, atol=1e-9)
+    halves = metrics.FeatureStats(6).update(feats[:400]).merge(metrics.FeatureStats(6).update(feats[400:]))
+    assert torch.allclose(halves.covariance, torch.cov(feats.T), rtol=1e-9, atol=1e-9)
+    other = torch.randn(800, 6, generator=g, dtype=torch.float64) * 2
+    assert metrics.frechet_distance(stats, metrics.FeatureStats(6).update(other)) == pytest.approx(
+        metrics.frechet_distance(feats, other), rel=1e-9)
+
+
+def _precision_recall_loops(real, fake, k):
+    """The definition, point by point: a sample is covered if it lies within the k-th neighbour distance of some
+    sample of the other set (that sample's own k nearest others, itself excluded)."""
+    def radius(support, i):
+        return sorted(float((support[i] - support[j]).norm()) for j in range(len(support)) if j != i)[k - 1]
+
+    def covered(support, queries):
+        radii = [radius(support, i) for i in range(len(support))]
+        return sum(any(float((q - s).norm()) <= r for s, r in zip(support, radii)) for q in queries) / len(queries)
+
+    return covered(real, fake), covered(fake, real)
+
+
+def test_blocked_precision_recall_equals_the_dense_and_the_definition():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    fake = 0.6 * torch.randn(30, 3, generator=g, dtype=torch.float64) + 0.5
+    expected = _precision_recall_loops(real, fake, k=3)
+    assert metrics.precision_recall_dense(real, fake, k=3) == pytest.approx(expected, abs=1e-12)
+    for block in (1, 4):
+        assert metrics.precision_recall(real, fake, k=3, block_size=block) == pytest.approx(expected, abs=1e-12)
+    for n_real, n_fake, d, k, shift in ((300, 250, 5, 3, 0.7), (500, 400, 16, 5, 0.2), (257, 300, 2, 1, 1.5)):
+        real = torch.randn(n_real, d, generator=g)
+        fake = torch.randn(n_fake, d, generator=g) * 0.8 + shift
+        dense = metrics.precision_recall_dense(real, fake, k=k)
+        assert 0 < dense[0] < 1 and 0 < dense[1] < 1
+        for block in (13, 64, 10_000):
+            assert metrics.precision_recall(real, fake, k=k, block_size=block) == dense, (n_real, block)
+
+
+def test_blocked_precision_recall_never_holds_an_n_by_n_matrix(monkeypatch):
+    largest = []
+    cdist = torch.cdist
+    monkeypatch.setattr(metrics.torch, "cdist", lambda a, b, *args, **kw: largest.append(len(a) * len(b)) or cdist(a, b))
+    g = torch.Generator().manual_seed(1)
+    metrics.precision_recall(torch.randn(600, 8, generator=g), torch.randn(500, 8, generator=g), block_size=50)
+    assert max(largest) <= 50 * 50
+    largest.clear()
+    metrics.precision_recall_dense(torch.randn(600, 8, generator=g), torch.randn(500, 8, generator=g))
+    assert max(largest) == 600 * 600  # the reference does build it: the counter can see it
+
+
+def test_precision_recall_and_feature_stats_refuse_bad_input():
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        metrics.precision_recall(x, x, k=0)
+    with pytest.raises(ValueError, match="fake_feats contain NaN"):
+        metrics.precision_recall(x, torch.full((10, 4), float("nan")))
+    with pytest.raises(ValueError, match="one feature dimension"):
+        metrics.precision_recall(x, torch.randn(10, 5))
+    with pytest.raises(ValueError, match="more than k = 3"):
+        metrics.precision_recall(x[:3], x)
+    with pytest.raises(ValueError, match="block_size"):
+        metrics.precision_recall(x, x, block_size=0)
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        metrics.FeatureStats(4).update(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.FeatureStats(4).update(torch.full((3, 4), float("inf")))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        metrics.FeatureStats(4).update(x[:1]).covariance

@@ -9,11 +9,11 @@ import os
 import sys
 
 from .. import __version__
-from . import common, complete, env, generate, harness, quantize, restore
+from . import anagram, common, complete, env, eval, generate, harness, quantize, restore, train, upscale
 from .common import Parser, UsageError
 
 
-COMMANDS = (generate, restore, complete, quantize, harness, env)  # each: add_parser(sub) setting args.run
+COMMANDS = (generate, eval, train, restore, complete, anagram, upscale, quantize, harness, env)  # each: add_parser(sub) setting args.run
 
 
 def build_parser() -> Parser:

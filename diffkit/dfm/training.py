@@ -7,13 +7,15 @@ and the noise level; the loss compares the signal rendered at the target view an
 (clean) view with those observations. The signal itself never enters the loss.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..schedule import NoiseSchedule
-from ..training import EMA
 from .forward_models import check_signal, merge_lifted
 
 
@@ -111,7 +113,7 @@ def train_dfm(
     rng = torch.Generator().manual_seed(seed + accelerator.process_index)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMA(accelerator.unwrap_model(model), ema_decay) if ema_decay else None
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=ema_decay) if ema_decay else None
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc=f"training ({mode})", disable=not progress or not accelerator.is_local_main_process):
@@ -125,7 +127,10 @@ def train_dfm(
         accelerator.backward(loss)
         optimizer.step()
         if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
+            ema.step(accelerator.unwrap_model(model).parameters())
         losses.append(loss.item())
-    trained = ema.model if ema is not None else accelerator.unwrap_model(model)
+    trained = accelerator.unwrap_model(model)
+    if ema is not None:
+        trained = copy.deepcopy(trained)
+        ema.copy_to(trained.parameters())
     return trained.eval(), losses

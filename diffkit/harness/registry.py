@@ -29,6 +29,7 @@ from .models import PatchCNN, TwoLayerReLU, binary_factory, mlp
 from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, mse
 from .noise_mask import NoiseMaskPretraining, SmallCNN
 from .ofq import ConfidenceGuidedAnnealing, TinyViT
+from .scoredvi import DeepImagePrior, DenoiserBank, PoissonGaussianBlurNoise, ScoreDVI
 from .shift import shift_factory
 from .statsq import statsq_factory
 from .virgo import GCN, digits_knn_graph, standard_init, virgo_init
@@ -215,6 +216,11 @@ MODELS = Registry("model", {
     "score_unet": Entry(ScoreUNet, {"width": 16},
                         "two-level shrink of the Noise2Noise U-Net (Lehtinen et al., ICML 2018) used by "
                         "cubeyoung/Noise2Score models/networks.py"),
+    "denoiser_bank": Entry(lambda in_channels, out_channels, sigma_max, width, depth: DenoiserBank(
+        in_channels, out_channels, list(sigma_max), width, depth),
+        {"sigma_max": [15 / 255, 30 / 255, 55 / 255], "width": 16, "depth": 6},
+        "ScoreDVI's K blind Gaussian denoisers, bias-free DnCNNs as alwaysuu/ScoreDVI models/network_bf_dncnn.py "
+        "(Mohan et al., ICLR 2020), shrunk; noise ranges a stand-in (the official checkpoints' are not in the code)"),
 })
 
 
@@ -280,6 +286,10 @@ NOISES = Registry("noise", {
     "gamma": Entry(GammaNoise, {"k": 100.0},
                    "Kim & Ye, NeurIPS 2021 (Gamma; k = 100 in the paper); cubeyoung/Noise2Score "
                    "models/Gamma_model.py"),
+    "poisson_gaussian_blur": Entry(PoissonGaussianBlurNoise, {"gain": 0.05, "sigma": 0.08, "blur": 2},
+                                   "signal-dependent, spatially correlated noise standing in for real camera noise "
+                                   "(Cheng et al., ICCV 2023 denoise real photographs): Poisson-Gaussian, then a 2 x 2 "
+                                   "box blur"),
 })
 
 # data sets are built with the context (seed,)
@@ -386,6 +396,14 @@ ALGORITHMS = Registry("algorithm", {
                  "freeze_epochs epochs of the budget rather than a separate fine-tuning run"),
     "supervised_denoiser": Entry(SupervisedDenoiser, {},
                                  "residual denoiser trained on clean targets (DnCNN-style, Zhang et al., TIP 2017)"),
+    "scoredvi": Entry(ScoreDVI, {"components": 3, "lam": 0.5, "noise_rule": True, "alpha0": 1.0, "beta0": 0.005,
+                                 "lr": 1e-3, "iterations": 400, "ema": 0.9, "mc_samples": 5, "width": 16,
+                                 "rerun_sigma": 0.05},
+                      "Cheng, Liu & Tan, ICCV 2023, arXiv 2308.04682; alwaysuu/ScoreDVI ScoreDVI.py (K 3, lambda 0.5 "
+                      "and its noise rule, alpha0 1, beta0 0.005 as for PolyU, Adam 1e-3, 400 iterations, EMA 0.9, 5 "
+                      "MC samples); trains its prior's denoiser_bank on the clean training images"),
+    "deep_image_prior": Entry(DeepImagePrior, {"iterations": 400, "lr": 1e-3, "ema": 0.9, "width": 16},
+                              "Ulyanov, Vedaldi & Lempitsky, CVPR 2018, with ScoreDVI's UNet, per image"),
 })
 
 REGISTRIES = {r.kind: r for r in (OPTIMIZERS, LOSSES, LAYERS, MODELS, DATASETS, DATA_METHODS, ALGORITHMS, INITIALIZERS,

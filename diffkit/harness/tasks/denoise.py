@@ -53,8 +53,10 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     device = accelerator.device
     y, x = data.x_test.to(device), data.y_test.to(device)
     estimate = algorithm.estimate(state.unwrapped_model.eval(), y, noise)
-    psnr, noisy = image_psnr(estimate.clamp(0, 1), x).mean().item(), image_psnr(y.clamp(0, 1), x).mean().item()
-    return {"psnr": psnr, "psnr_noisy": noisy, "psnr_gain": psnr - noisy}
+    per_image = image_psnr(estimate.clamp(0, 1), x)
+    psnr, noisy = per_image.mean().item(), image_psnr(y.clamp(0, 1), x).mean().item()
+    # per test image (x = its index), so methods can be compared image by image
+    return {"psnr": psnr, "psnr_noisy": noisy, "psnr_gain": psnr - noisy, "curves": {"psnr_per_image": per_image.tolist()}}
 
 
 TASK = Task("denoise", METRICS, check, run, algorithms=("noise2score", "supervised_denoiser"))
