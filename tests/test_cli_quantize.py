@@ -48,9 +48,11 @@ def test_prompts_reach_the_calibration(text_model_dir, tmp_path):
     assert ours.state_dict().keys() == theirs.keys()
     assert all(torch.equal(value, theirs[key]) for key, value in ours.state_dict().items())
 
-    # other prompts give other activation ranges: the prompts are not ignored
+    # other prompts (from a .jsonl file, as generate reads one) give other activation ranges: they are not ignored
+    jsonl = tmp_path / "other.jsonl"
+    jsonl.write_text('{"prompt": "zzz"}\n', encoding="utf-8")
     other = tmp_path / "q_other"
-    assert main(["quantize", "--model", str(text_model_dir), *SETTINGS, "--prompt", "zzz", "--out", str(other)]) == 0
+    assert main(["quantize", "--model", str(text_model_dir), *SETTINGS, "--prompts-file", str(jsonl), "--out", str(other)]) == 0
     assert not all(torch.equal(value, theirs[key]) for key, value in load_pipeline(other).unet.state_dict().items())
 
 
@@ -73,9 +75,14 @@ def test_a_model_without_a_text_encoder_takes_no_prompts(tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
-@pytest.mark.parametrize("content, needle", [("\n \n", "holds no prompt"), (None, "cannot read")])
-def test_a_bad_prompts_file_is_refused(text_model_dir, tmp_path, capsys, content, needle):
-    prompts_file = tmp_path / "prompts.txt"
+@pytest.mark.parametrize("name, content, needle", [
+    ("prompts.txt", "\n \n", "holds no prompt"),
+    ("prompts.txt", None, "cannot read"),
+    ("prompts.jsonl", '{"prompt": "a cat", "seed": 3}\n', "prompts only, not 'seed'"),
+    ("prompts.jsonl", '{"label": 3}\n', "prompts only, not 'label'"),
+])
+def test_a_bad_prompts_file_is_refused(text_model_dir, tmp_path, capsys, name, content, needle):
+    prompts_file = tmp_path / name
     if content is not None:
         prompts_file.write_text(content, encoding="utf-8")
     argv = ["quantize", "--model", str(text_model_dir), *SETTINGS, "--prompts-file", str(prompts_file),

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     qua.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                      help="a calibration prompt (text models; repeat for more)")
     qua.add_argument("--prompts-file", default=None, metavar="FILE",
-                     help="calibration prompts, one a line (text models; blank lines are skipped)")
+                     help="calibration prompts (text models): one a line, or .jsonl lines {\"prompt\": ...} as for generate")
     qua.add_argument("--seed", type=common.seed, default=0)
     qua.add_argument("--out", required=True, help="output pipeline folder")
     qua.add_argument("--overwrite", action="store_true", help="replace a model folder diffkit wrote before")
@@ -43,19 +43,20 @@ def add_parser(sub) -> None:
 
 
 def read_prompts(args) -> list[str]:
-    """--prompt values, then the lines of --prompts-file (blank lines skipped)."""
+    """--prompt values, then --prompts-file's, read as ``diffkit generate`` reads it (one prompt a line, blank lines
+    skipped, or .jsonl lines {"prompt": ...}); a file line with a label, a negative prompt or a seed is refused."""
+    from .generate import _read_prompts_file
+
     prompts = list(args.prompt or [])
     if any(not p.strip() for p in prompts):
         raise UsageError("--prompt must not be empty")
     if args.prompts_file is not None:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as file:
-                lines = [line.strip() for line in file]
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"--prompts-file: cannot read {args.prompts_file!r}: {err}") from None
-        if not any(lines):
-            raise UsageError(f"--prompts-file {args.prompts_file!r} holds no prompt (one a line)")
-        prompts += [line for line in lines if line]
+        for entry in _read_prompts_file(args):
+            extra = sorted(set(entry) - {"prompt", "line"})
+            if extra:
+                raise UsageError(f"--prompts-file {args.prompts_file} line {entry['line']}: calibration takes prompts "
+                                 f"only, not {extra[0]!r}")
+            prompts.append(entry["prompt"])
     return prompts
 
 
