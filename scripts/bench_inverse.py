@@ -11,10 +11,10 @@ scored on the validation split with noisy measurements; each method's configurat
 reported on the test split at both noise levels, beside the official RED-Diff benchmark run (``sample_batch.sh``:
 1,000 steps, lr 0.1, lam 1.0, itself one of the sweep's candidates), PiGDM (100 steps) and the pseudo-inverse.
 None of the three methods reads sigma_y, so each configuration runs once on one batch holding the validation
-measurements and the test measurements at both noise levels (a sample's result does not depend on its batch
-neighbours, only its noise draws do; only the choice reads the validation part). Metrics against the clean digits: PSNR, SSIM, the digits
-classifier's accuracy, and seconds per image (the batch's time over its size; one torch thread unless set; a
-shared machine makes them indicative). Paired PSNR differences come with a 95% t-interval and the smallest
+measurements and the test measurements at both noise levels (a sample's updates do not depend on its batch
+neighbours, its noise draws on its place in the batch; only the choice reads the validation part). Metrics
+against the clean digits: PSNR, SSIM, the digits classifier's accuracy, and seconds per image (the batch's time
+over its size; one torch thread unless ``--threads``; a shared machine makes them indicative). Paired PSNR differences come with a 95% t-interval and the smallest
 difference the test split could detect (80% power, two-sided 5%).
 
 The sweep is sized for a one-thread CPU run of about 45 minutes (``--cache-dir`` keeps every finished run, so an
