@@ -510,3 +510,23 @@ def test_int8_kernels_match_the_int8_graph_and_are_used():
     error = lambda out: ((out - reference).norm() / reference.norm()).item()  # noqa: E731
     assert error(compiled) < 1.5 * error(eager) + 1e-3
     assert ((compiled - eager).norm() / eager.norm()) < 0.1
+
+
+def test_sdxl_unet_calibrates_with_its_added_conditioning():
+    """SDXL's UNet is calibrated through its own pipeline from prompts: the pooled text embeddings and size ids
+    (``added_cond_kwargs``) are stored with every row beside the token embeddings, and W8A8 stays near FP32."""
+    from test_real_models import diffusers_pipe
+
+    pipe = diffusers_pipe("sdxl")
+    kw = dict(num_inference_steps=3, batch_size=2, prompts=["a fox", "a cat"], height=16, width=16)
+    calib = build_calibration_set(pipe, 8, "ndtc", **kw)
+    added = calib.cond["added_cond_kwargs"]
+    assert calib.cond["encoder_hidden_states"].shape[0] == 8
+    assert added["text_embeds"].shape[0] == 8 and added["time_ids"].shape == (8, 6)
+    unet = pipe.unet
+    quantize_pipeline(pipe, "w8a8", "ndtc", n=8, **kw)
+    assert isinstance(pipe.unet, QuantizedModel)
+    _every_layer_quantised(unet, pipe.unet)
+    inputs = calib.inputs(slice(0, 8))
+    with torch.no_grad():
+        assert _sqnr(pipe.unet(**inputs).sample, unet(**inputs).sample) > 25
