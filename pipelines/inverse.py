@@ -20,8 +20,10 @@ from .guided import GuidedPipeline
 
 
 METHODS = {"red_diff": red_diff, "dps": dps, "pigdm": pigdm}
-DEFAULT_STEPS = {"red_diff": 100, "dps": 1000, "pigdm": 100}
 STEPS_KEYWORD = {"red_diff": "num_steps", "dps": "num_inference_steps", "pigdm": "num_inference_steps"}
+# each method's own default, read from its signature so the two never disagree (RED-Diff: 1,000, the official
+# benchmark run's, sample_batch.sh; see diffkit.inverse.red_diff)
+DEFAULT_STEPS = {name: inspect.signature(fn).parameters[STEPS_KEYWORD[name]].default for name, fn in METHODS.items()}
 
 
 class InverseProblemPipeline(GuidedPipeline):
@@ -64,7 +66,8 @@ class InverseProblemPipeline(GuidedPipeline):
                 measurement or one for all. SDXL / SD3 / Flux embeddings come with ``pooled_prompt_embeds``.
             height, width (`int`, *optional*): the image size (default: the model's own); non-square works.
             num_inference_steps (`int`, *optional*): RED-Diff's optimisation steps or the sampler's steps
-                (defaults: red_diff 100, dps 1000, pigdm 100).
+                (defaults: the method's own: red_diff 1000, the official benchmark run's with its lr 0.1 and lam 1.0;
+                dps 1000; pigdm 100).
             method_kwargs (`dict`, *optional*): the method's own options, e.g. RED-Diff's `lr`, `lam`,
                 `weighting`; DPS's `zeta`; PiGDM's `guidance_scale`, `eta`.
             generator (`torch.Generator`, *optional*): seeds the noise.

@@ -1,22 +1,30 @@
-"""PTQ4DM on the embedded default model: FP32 vs W8A8 and W4A8, each calibrated by NDTC, uniform and naive.
+"""PTQ4DM on the embedded default model: FP32 vs W8A8 and W4A8, each calibrated by NDTC (as the paper describes it
+and as its code pairs x and t), uniform (Q-Diffusion) and naive, with diffkit's pooled range search and with the
+released code's symmetric search averaged over batches.
 
-Calibration: n network inputs from the FP32 pipeline's own DDIM run (50 steps, CFG 3, random classes);
-ranges by PTQ4DM's Lp search (p = 2.4, 100 candidates). Evaluation: the same seeds and labels for every model,
-deterministic DDIM (eta = 0), CFG 3. Columns:
+Calibration: n network inputs from one FP32 run of the pipeline (DDIM 50 steps, CFG 3, random classes, in
+batches of 64 images), every policy selecting from the same trajectories; weight ranges by PTQ4DM's Lp search
+(p = 2.4, 100 candidates). Input ranges: "pooled" (diffkit's default: one asymmetric Lp search per layer over
+values pooled from the whole set, float inputs) or "symmetric EMA" (the released code's: per batch of 256, a
+symmetric 1-D search with the layers already quantising, range averaged over batches with momentum 0.9).
+4-bit weights are rounded to nearest after the range search: there is no AdaRound / BRECQ block reconstruction
+(Q-Diffusion's W4 results rely on it), so W4A8 rows are a lower bound for the method. Evaluation: the same seeds
+and labels for every model, deterministic DDIM (eta = 0), CFG 3. Columns:
 
 - FD to the held-out digits and class accuracy (the shipped digits classifier);
-- paired drift: PSNR of each model's images against FP32's from the same noise;
+- paired drift: PSNR of each model's images against FP32's from the same noise (mean +- 95% interval);
 - SQNR (dB) of the network output (the default model predicts v, not epsilon)
   against FP32's on FP32's own trajectory, averaged over the steps (per step in the figure);
 - serialized UNet bytes (safetensors);
-- CPU latency per image: median over interleaved runs of one batch of 20 images, same threads for all.
+- CPU latency per image: median over interleaved runs of one batch of 20 images, same threads for all (FP32,
+  the NDTC rows and the compiled rows; the other simulated rows run the same operations).
 
 Rows named "simulated" run integer weights and ranges on float kernels (what the quality columns measure
 without backend effects). Two more rows run compiled by torch.compile (inductor, freezing): FP32, and W8A8
 NDTC on oneDNN int8 kernels (``QuantizedModel.use_int8_kernels``; 7-bit inputs on CPUs without VNNI). The
 quick mode leaves the compiled rows out (compiling takes minutes). Writes assets/bench_quant.md and .png.
 
-    python scripts/bench_quant.py            # 300 images per model, ~25 minutes on 2 cores
+    python scripts/bench_quant.py            # 300 images per model, about an hour on 2 cores
     python scripts/bench_quant.py --quick    # about a minute
 """
 
@@ -32,11 +40,18 @@ import diffkit
 from diffkit.data import colored_digits
 from diffkit.images import image_grid, save_figure_atomic, to_pil, write_text_atomic
 from diffkit.metrics import class_accuracy, classifier_features, frechet_distance, psnr
-from diffkit.quant import build_calibration_set, calibration_run, quantize_model
-from diffkit.quant.calibration import record_network_inputs
+from diffkit.quant import build_calibration_sets, quantize_model, record_network_inputs
 
 
 BATCH = 20  # images per pipeline call everywhere (40 network rows with CFG): compiled models see one shape
+
+
+def interval(values: torch.Tensor) -> str:
+    """mean +- the half-width of its 95% t-interval."""
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std().item() / len(values) ** 0.5
+    return f"{values.mean().item():.2f} +- {half:.2f}"
 
 
 def serialized_bytes(model) -> int:
@@ -61,7 +76,7 @@ def sqnr_per_step(reference_calls, unet) -> list[float]:
     (the default model predicts v, so this is v's SQNR, not epsilon's)."""
     out = []
     for call, reference in reference_calls:
-        pred = unet(call["sample"], call["timestep"], **call["cond"], return_dict=False)[0]
+        pred = unet(**call, return_dict=False)[0]
         out.append(10 * torch.log10(reference.pow(2).sum() / (pred - reference).pow(2).sum()).item())
     return out
 
@@ -119,23 +134,23 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     fp32 = pipe.unet
     labels = torch.arange(10).repeat(args.per_class)
-    policies = ("ndtc", "uniform", "naive")
-    unets, quantize_seconds, ndtc = {"FP32": fp32}, {}, None
-    # one FP32 run, three selections from it: the policies differ only in which inputs they pick
-    recorded = calibration_run(pipe, args.n, num_inference_steps=args.calib_steps, generator=torch.Generator().manual_seed(args.seed))
-    for policy in policies:
-        calib = build_calibration_set(pipe, args.n, policy, recorded=recorded, generator=torch.Generator().manual_seed(args.seed))
-        ndtc = calib if policy == "ndtc" else ndtc
+    policies = {"ndtc": "ndtc", "ndtc_as_coded": "ndtc as coded", "uniform": "uniform", "naive": "naive"}
+    # one FP32 run, every policy selecting from it
+    sets = build_calibration_sets(pipe, args.n, tuple(policies), num_inference_steps=args.calib_steps, batch_size=64,
+                                  generator=torch.Generator().manual_seed(args.seed))
+    variants = [(policy, "pooled") for policy in policies] + [("ndtc", "symmetric_ema")]
+    unets, quantize_seconds = {"FP32": fp32}, {}
+    for policy, act in variants:
         for bits in ("w8a8", "w4a8"):
-            name = f"{bits.upper()} {policy} (simulated)"
+            name = f"{bits.upper()} {policies[policy]}{', symmetric EMA' if act == 'symmetric_ema' else ''} (simulated)"
             start = time.perf_counter()
-            unets[name] = quantize_model(fp32, calib, bits, "lp", samples_per_layer=samples_per_layer,
+            unets[name] = quantize_model(fp32, sets[policy], bits, "lp", act_calibration=act, samples_per_layer=samples_per_layer,
                                          generator=torch.Generator().manual_seed(args.seed))
             quantize_seconds[name] = time.perf_counter() - start
 
     if not args.quick:  # the same weights and ranges on real int8 kernels, against FP32 compiled the same way
         unets["FP32 (compiled)"] = torch.compile(fp32)
-        int8 = quantize_model(fp32, ndtc, "w8a8", "lp", samples_per_layer=samples_per_layer,
+        int8 = quantize_model(fp32, sets["ndtc"], "w8a8", "lp", samples_per_layer=samples_per_layer,
                               generator=torch.Generator().manual_seed(args.seed))
         unets["W8A8 ndtc (int8 kernels)"] = int8.use_int8_kernels()
 
@@ -144,7 +159,7 @@ def main():
     calls = record_network_inputs(pipe, class_labels=labels[:BATCH].tolist(), num_inference_steps=args.steps, solver="ddim",
                                   output_type="latent", generator=torch.Generator().manual_seed(args.seed + 1))
     with torch.no_grad():
-        reference = [(call, fp32(call["sample"], call["timestep"], **call["cond"], return_dict=False)[0]) for call in calls]
+        reference = [(call, fp32(**call, return_dict=False)[0]) for call in calls]
 
     test = colored_digits("test", seed=1)[0]
     test_features = classifier_features(test)
@@ -153,23 +168,27 @@ def main():
         images[name] = sample(pipe, unet, labels, args.steps, args.seed)
         if name not in ("FP32", "FP32 (compiled)"):
             sqnr[name] = sqnr_per_step(reference, unet)
-    latency = latency_per_image(pipe, unets, args.steps, BATCH, args.latency_runs)
+    # latency of one row per kind of kernel: the other simulated rows run the same operations as the ndtc ones
+    timed = [k for k in unets if k in ("FP32", "FP32 (compiled)", "W8A8 ndtc (int8 kernels)") or k.endswith("ndtc (simulated)")]
+    latency = latency_per_image(pipe, {k: unets[k] for k in timed}, args.steps, BATCH, args.latency_runs)
     pipe.register_modules(unet=fp32)
     fp_bytes = serialized_bytes(fp32)
     for name, unet in unets.items():
         fd = frechet_distance(classifier_features(images[name]), test_features)
-        drift = "-" if name == "FP32" else f"{psnr(images[name], images['FP32']).mean().item():.2f}"
+        drift = "-" if name == "FP32" else interval(psnr(images[name], images["FP32"]))
         mean_sqnr = f"{statistics.mean(sqnr[name]):.1f}" if name in sqnr else "-"
         size = serialized_bytes(unet if name != "FP32 (compiled)" else fp32)
         rows.append(f"| {name} | {fd:.2f} | {class_accuracy(images[name], labels):.1%} | {drift} | {mean_sqnr} | "
-                    f"{size / 1e6:.2f} MB ({size / fp_bytes:.0%}) | {latency[name] * 1e3:.1f} |")
+                    f"{size / 1e6:.2f} MB ({size / fp_bytes:.0%}) | {f'{latency[name] * 1e3:.1f}' if name in latency else '-'} |")
         grids[name] = image_grid(to_pil(images[name][:20]), ncols=10, tile=16)
 
     lines = [
         f"Default model, {len(labels)} images per model ({args.per_class} per class), DDIM {args.steps} steps (eta 0), "
         f"CFG 3, the same noise for every model. Calibration: n = {args.n} inputs from the FP32 model's DDIM-"
-        f"{args.calib_steps} run; Lp (p = 2.4) ranges; first and last layers' weights at 8 bits; decoder shortcuts "
-        f"split; {torch.get_num_threads()} threads.",
+        f"{args.calib_steps} run (every policy from the same trajectories); Lp (p = 2.4) weight ranges; input ranges "
+        f"pooled (default) or symmetric EMA (the released code's); first and last layers' weights at 8 bits; decoder "
+        f"shortcuts split; {torch.get_num_threads()} threads. No AdaRound / BRECQ reconstruction: W4A8 rows are "
+        f"round-to-nearest 4-bit weights.",
         "",
         "| model | FD | accuracy | PSNR vs FP32 | SQNR (dB) | UNet bytes | ms / image |",
         "|---|---|---|---|---|---|---|",

@@ -149,6 +149,20 @@ CASES = {
     "quantize over a file": (QUANT + ["--out", "main.py", "--overwrite"], "not a folder"),
     "quantize empty out": (QUANT + ["--out", ""], "--out"),
     "quantize existing without overwrite": (QUANT + ["--out", "notes"], "--overwrite"),
+    # train, eval, upscale, anagram, prompts files
+    "train into the current folder": (["train", "default", "--out", ".", "--overwrite"], "no diffkit training run"),
+    "train over a user's folder": (["train", "default", "--out", "notes", "--overwrite"], "no diffkit training run"),
+    "train out is a file": (["train", "default", "--out", "main.py"], "is a file"),
+    "train unknown recipe": (["train", "no_such_recipe", "--out", "run"], "no_such_recipe"),
+    "eval a missing folder": (["eval", "nowhere", "--no-progress"], "does not exist"),
+    "eval json over a file": (["eval", "notes", "--json", "main.py", "--overwrite"], "--json"),
+    "upscale over a foreign png": (["upscale", "digit.png", "--out", "foreign.png", "--overwrite"], "not written by diffkit"),
+    "upscale out not png": (["upscale", "digit.png", "--out", "main.py"], "--out"),
+    "anagram blur view": (["anagram", "--model", M, "--view", "identity", "--label", "1", "--view", "blur", "--label", "2",
+                           "--out", "fresh"], "--view blur"),
+    "anagram view without a condition": (["anagram", "--model", M, "--view", "identity", "--out", "fresh"], "--view"),
+    "prompts on a class model": (["generate", "--model", M, "--prompts-file", "main.py"], "class-conditional"),
+    "missing prompts file": (["generate", "--model", M, "--prompts-file", "none.txt"], "--prompts-file"),
     # harness
     "unknown card": (["harness", "run", "no_such_card"], "no card file"),
     "card with a text lr": (["harness", "run", "card_bad_lr.json"], "lr"),
@@ -291,3 +305,16 @@ def test_read_only_output_is_refused_before_any_work(models, sandbox, capsys, mo
     argv = [a.replace(M, str(models / "tiny")) for a in GEN] + ["--out", "notes"]
     err = _run_refused(argv, sandbox, capsys, "cannot write in")
     assert "--out 'notes': cannot write in notes" in err and ".tmp" not in err and not loads
+
+
+def test_an_error_after_a_progress_bar_starts_prints_on_its_own_line(sandbox, capsys):
+    """A run that fails once its bar is drawn closes the bar first: the error is the last line, whole."""
+    (sandbox / "mixed").mkdir()
+    for i in range(4):
+        PIL.Image.new("RGB", (16, 16)).save(sandbox / "mixed" / f"a{i}.png")
+    PIL.Image.new("RGB", (8, 8)).save(sandbox / "mixed" / "b.png")
+    assert main(["eval", "mixed"]) == 2
+    err = capsys.readouterr().err
+    assert "it/s]" in err  # the bar was drawn
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and "one size" in last and err.count("error: ") == 1, err

@@ -65,12 +65,14 @@ def test_bench_adjoint_quick(tmp_path):
 
 def test_bench_inverse_quick(tmp_path):
     stdout = _run("bench_inverse.py", tmp_path)
-    rows = [r for r in _table_rows(stdout) if not r.startswith("| task")]
-    psnr = {(r.split("|")[1].strip(), r.split("|")[2].strip()): float(r.split("|")[3]) for r in rows}
-    assert len(psnr) == 3 * 4  # three tasks: the pseudo-inverse and three diffkit methods
-    for task in ("inpaint half", "SR x2", "deblur"):  # the prior adds what the measurement lacks
-        for method in ("RED-Diff", "DPS"):
-            assert psnr[task, method] > psnr[task, "pseudo-inverse"] + 2, (task, method, psnr)
+    rows = [r.split("|") for r in stdout.splitlines() if r.startswith("| sigma_y")]
+    main = {(r[1].strip(), r[2].strip(), r[3].strip()): float(r[5].split()[0]) for r in rows if len(r) == 10}  # "mean ± std"
+    assert len(main) == 2 * 3 * 5 + 6  # two noise levels x three tasks x five rows, and the earlier deepinv rows
+    for task in ("inpaint half", "deblur"):  # the prior adds what the noisy measurement lacks, even at 15 steps
+        for method in ("RED-Diff, tuned", "DPS, tuned"):
+            assert main["sigma_y = 0.05", task, method] > main["sigma_y = 0.05", task, "pseudo-inverse"] + 2, (task, method)
+    differences = [r for r in rows if len(r) == 7]  # the paired-difference table: one row per setting and task
+    assert len(differences) == 6 and all("[" in cell for r in differences for cell in r[3:6])
     for name in ("bench_inverse_quick.md", "bench_inverse_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -78,11 +80,12 @@ def test_bench_inverse_quick(tmp_path):
 def test_bench_dfm_quick(tmp_path):
     stdout = _run("bench_dfm.py", tmp_path)
     rows = {tuple(c.strip() for c in r.split("|")[1:3]): r for r in _table_rows(stdout)
-            if r.count("|") == 8 and not r.startswith("| world")}
-    ratio = {key: float(r.split("|")[5]) for key, r in rows.items()}
+            if r.count("|") == 9 and not r.startswith("| world")}
+    ratio = {key: float(r.split("|")[6]) for key, r in rows.items()}
     coverage = {key: r.split("|")[3].strip() for key, r in rows.items()}
+    to_regressor = {key: float(r.split("|")[5]) for key, r in rows.items()}
     for world in ("GP", "bimodal"):
-        assert ratio[world, "regressor"] == 0.0  # a deterministic regressor has no variance
+        assert ratio[world, "regressor"] == 0.0 and to_regressor[world, "regressor"] == 0.0  # deterministic, itself
         assert ratio[world, "DFM"] > 0.5  # DFM samples vary off the context window
         assert coverage[world, "observation diffusion"] != "100%"  # observations alone never show the whole signal
         assert 0.8 < ratio[world, "exact posterior"] < 1.2
@@ -93,27 +96,32 @@ def test_bench_dfm_quick(tmp_path):
 def test_bench_quant_quick(tmp_path):
     stdout = _run("bench_quant.py", tmp_path)
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in _table_rows(stdout) if not r.startswith("| model")}
-    assert len(rows) == 7  # FP32 and two bit widths x three calibrations
+    assert len(rows) == 11  # FP32 and two bit widths x (four calibrations + the symmetric EMA search)
     size = lambda name: float(rows[name][4].split()[0])  # noqa: E731
-    for policy in ("ndtc", "uniform", "naive"):
-        w8, w4 = rows[f"W8A8 {policy} (simulated)"], rows[f"W4A8 {policy} (simulated)"]
-        assert float(w8[2]) > float(w4[2]) and float(w8[3]) > float(w4[3])  # more bits, less drift, higher SQNR
-        assert size(f"W4A8 {policy} (simulated)") < size(f"W8A8 {policy} (simulated)") < 0.3 * size("FP32")
+    for variant in ("ndtc", "ndtc as coded", "uniform", "naive", "ndtc, symmetric EMA"):
+        w8, w4 = rows[f"W8A8 {variant} (simulated)"], rows[f"W4A8 {variant} (simulated)"]
+        assert float(w8[2].split()[0]) > float(w4[2].split()[0]) and float(w8[3]) > float(w4[3])  # more bits, less drift
+        assert size(f"W4A8 {variant} (simulated)") < size(f"W8A8 {variant} (simulated)") < 0.3 * size("FP32")
     for name in ("bench_quant_quick.md", "bench_quant_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
 def test_bench_blend_quick(tmp_path):
     stdout = _run("bench_blend.py", tmp_path)
-    rows = {r.split("|")[1].strip(): [float(c.strip().rstrip("%")) for c in r.split("|")[2:-1]] for r in _table_rows(stdout)}
-    assert len(rows) == 8  # none, three single modalities, two sums, two blends
-    psnr = {name: cells[2] for name, cells in rows.items()}
-    # the modalities are computed from the whole digit: every guided row recovers the masked half better than
-    # plain completion (the shipped adapters steer the UNet; blending moves the main trajectory toward them)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in _table_rows(stdout)}
+    assert len(rows) == 11  # none, three single modalities, two sums, five blends
+    psnr = {name: float(cells[2].split(" ± ")[0]) for name, cells in rows.items()}
+    # the modalities are computed from the whole digit: every guided row fed at every step recovers the masked half
+    # better than plain completion (the shipped adapters steer the UNet; blending moves the main trajectory toward them)
     for name, value in psnr.items():
-        if name != "none":
+        if name != "none" and "cond_tau" not in name:
             assert value > psnr["none"] + 2, (name, psnr)
-    for name in ("bench_blend_quick.md", "bench_blend_quick.png"):
+    for name, cells in rows.items():  # blending rows report the loss its gradient steps removed, others none
+        removed = cells[5]
+        assert (removed == "-") == (not name.startswith("CMB")), (name, removed)
+        if removed != "-":
+            assert float(removed.split("%")[0]) > 0, (name, removed)
+    for name in ("bench_blend_quick.md", "bench_blend_quick.png", "bench_blend_images_quick.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 

@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMScheduler, MultiAdapter, UNet2DConditionModel
 
 import diffkit
-from diffkit.blend import (Modality, adapter_for, blend_loss, blend_update, complete, encoder_features, extract,
-                           injected)
+from diffkit.blend import (LineSearch, OfficialStep, adapter_for, blend_loss, blend_update, complete, encoder_features,
+                           extract, injected)
 from diffkit.data import colored_digits
 from diffkit.denoiser import Denoiser
 from diffkit.pipelines import ModalityBlendPipeline
@@ -137,31 +137,109 @@ def test_known_region_is_preserved(pipe, digits, blend):
     assert torch.equal(out * (1 - mask), images * (1 - mask))
 
 
-def test_blend_loss_falls_over_the_gradient_steps(pipe):
-    """Q steps of size sigma_t^2 (capped) on the CMB loss lower it; the loss is 0 at the targets' own latent."""
+def _targets(pipe, gen, z, t, cond, uncond, spread=0.3):
+    """Two modalities' encoder features at a branch latent near z, on the (conditional; unconditional) batch."""
     denoiser = Denoiser.from_pipeline_components(pipe.unet, pipe.scheduler)
-    gen = torch.Generator().manual_seed(3)
-    z, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor(600.0)
-    cond, uncond = {"class_labels": torch.tensor([3, 5])}, {"class_labels": torch.tensor([10, 10])}
-    branch = z + 0.3 * torch.randn(z.shape, generator=gen)
+    branch = z + spread * torch.randn(z.shape, generator=gen)
+    xx, cc = torch.cat([branch, branch]), {"class_labels": torch.cat([cond["class_labels"], uncond["class_labels"]])}
+    targets = []
     with torch.no_grad():
-        targets = []
         for name in ("edges", "ink_mask"):
             feats = pipe.adapters[name](torch.randn(2, 3, 16, 16, generator=gen))
             with injected(pipe.unet, feats):
-                xx, cc = torch.cat([branch, branch]), {"class_labels": torch.cat([cond["class_labels"], uncond["class_labels"]])}
                 targets.append(encoder_features(pipe.unet, lambda: denoiser(xx, t, cc)))
-    alpha, sigma = denoiser.schedule.alpha(t).item(), denoiser.schedule.sigma(t).item()
-    eta = min((sigma / alpha) ** 2, 10.0)
-    z_new, losses = blend_update(denoiser, z, t, eta, targets, 6, cond, uncond)
-    final = blend_loss(denoiser, z_new, t, targets, cond, uncond).sum().item()
-    losses.append(final)
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
-    assert final < 0.9 * losses[0]
+    return denoiser, targets
+
+
+def _blend_problem(pipe, t=600.0, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    z, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor(t)
+    cond, uncond = {"class_labels": torch.tensor([3, 5])}, {"class_labels": torch.tensor([10, 10])}
+    denoiser, targets = _targets(pipe, gen, z, t, cond, uncond)
+    return denoiser, z, t, targets, cond, uncond
+
+
+def test_blend_loss_falls_over_the_gradient_steps(pipe):
+    """Q steps on the CMB loss lower it, by the line search and by the (capped) official step; losses hold the
+    loss before each step and after the last; the loss is per sample."""
+    denoiser, z, t, targets, cond, uncond = _blend_problem(pipe)
+    rho = (denoiser.schedule.sigma(t) / denoiser.schedule.alpha(t)).item()
+    for rule in ("line_search", OfficialStep(max_step_size=10.0)):
+        z_new, losses = blend_update(denoiser, z, t, targets, 6, rule, rho, cond, uncond)
+        assert len(losses) == 7
+        assert losses[-1] == pytest.approx(blend_loss(denoiser, z_new, t, targets, cond, uncond).sum().item(), rel=1e-5)
+        assert all(b < a for a, b in zip(losses, losses[1:])), (rule, losses)
+        assert losses[-1] < 0.97 * losses[0]
     # per-sample: a batch of one gives the same loss as its row in the batch
     one = blend_loss(denoiser, z[:1], t, [[f.view(2, 2, *f.shape[1:])[:, :1].flatten(0, 1) for f in tg] for tg in targets],
                      {"class_labels": cond["class_labels"][:1]}, {"class_labels": uncond["class_labels"][:1]})
     assert torch.allclose(one, blend_loss(denoiser, z, t, targets, cond, uncond)[:1], rtol=1e-5)
+
+
+def test_official_step_is_magics_sigma_squared_rule(pipe):
+    """OfficialStep: z - grad * sqrt(1 / alphas_cumprod[t] - 1)^2, MaGIC's ddim_infer.py update with its sigmas
+    (sqrt_recipm1_alphas_cumprod, here from the diffusers scheduler's table), optionally capped."""
+    denoiser, z, t, targets, cond, uncond = _blend_problem(pipe, t=300.0)
+    abar = DDIMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[300].double()
+    sigma_official = torch.sqrt(1 / abar - 1).item()
+    rho = (denoiser.schedule.sigma(t) / denoiser.schedule.alpha(t)).item()
+    assert rho == pytest.approx(sigma_official, rel=1e-5)
+    zg = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(blend_loss(denoiser, zg, t, targets, cond, uncond).sum(), zg)
+    ours, _ = blend_update(denoiser, z, t, targets, 1, "official", rho, cond, uncond)
+    assert torch.allclose(ours, z - sigma_official**2 * grad, atol=1e-6)
+    capped, _ = blend_update(denoiser, z, t, targets, 1, OfficialStep(max_step_size=0.1), rho, cond, uncond)
+    assert torch.allclose(capped, z - 0.1 * grad, atol=1e-6)
+    assert OfficialStep(scale=4.0).size(rho) == pytest.approx(4 * rho**2)
+    with pytest.raises(ValueError, match="needs rho"):
+        blend_update(denoiser, z, t, targets, 1, "official", None, cond, uncond)
+
+
+def test_line_search_is_free_of_the_loss_and_schedule_scale(pipe):
+    """The line search takes the same steps whatever the loss's scale (strengths x1000) and whatever sigma / alpha
+    says; the official step, sized by sigma^2 / alpha^2, changes with both."""
+    denoiser, z, t, targets, cond, uncond = _blend_problem(pipe)
+    base, losses = blend_update(denoiser, z, t, targets, 3, "line_search", 1.0, cond, uncond)
+    scaled, scaled_losses = blend_update(denoiser, z, t, targets, 3, "line_search", 1e4, cond, uncond, weights=[1e3, 1e3])
+    assert torch.allclose(base, scaled, atol=1e-5)
+    assert scaled_losses[0] == pytest.approx(1e3 * losses[0], rel=1e-4)
+    official, _ = blend_update(denoiser, z, t, targets, 1, "official", 0.5, cond, uncond)
+    louder, _ = blend_update(denoiser, z, t, targets, 1, "official", 0.5, cond, uncond, weights=[1e3, 1e3])
+    assert (official - louder).abs().max() > 1e-2
+
+
+def test_line_search_descends_where_the_uncapped_official_step_diverges(pipe):
+    """At t = 999 on the default model's cosine schedule sigma^2 / alpha^2 is 4e8: MaGIC's uncapped step blows the
+    loss up; the line search lowers it at every step."""
+    denoiser, z, t, targets, cond, uncond = _blend_problem(pipe, t=999.0)
+    rho = (denoiser.schedule.sigma(t) / denoiser.schedule.alpha(t)).item()
+    assert rho**2 > 1e8
+    _, official = blend_update(denoiser, z, t, targets, 2, "official", rho, cond, uncond)
+    assert not official[-1] < 10 * official[0]  # diverged (or NaN)
+    _, searched = blend_update(denoiser, z, t, targets, 4, "line_search", rho, cond, uncond)
+    assert all(b < a for a, b in zip(searched, searched[1:])), searched
+
+
+def test_line_search_on_a_quadratic_stops_short_of_the_line_minimum():
+    """Closed form: on L(z) = sum_i a_i z_i^2 the accepted step lies in [eta*/2, eta*], eta* = |g|^2 / g'Hg the
+    minimiser along -g (Armijo with c = 1/2 backtracking from the Polyak step), for every sample on its own."""
+    a = torch.tensor([[1.0, 4.0, 9.0], [0.5, 0.5, 20.0]])
+
+    def objective(z, rows=None):
+        return (a if rows is None else a[rows]).mul(z.pow(2)).sum(1)
+
+    z = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -0.2]])
+    grad = 2 * a * z
+    loss = objective(z)
+    memory = {}
+    z_new, new_loss = LineSearch().step(objective, z, loss, grad, None, memory)
+    g2 = grad.pow(2).sum(1)
+    eta_star = g2 / (grad.pow(2) * 2 * a).sum(1)
+    eta = memory["accepted"]
+    assert torch.all(eta <= eta_star * (1 + 1e-6)) and torch.all(eta >= eta_star / 2 * (1 - 1e-6)), (eta, eta_star)
+    assert torch.allclose(z_new, z - eta[:, None] * grad) and torch.allclose(new_loss, objective(z_new))
+    with pytest.raises(ValueError, match="sufficient_decrease"):
+        LineSearch(sufficient_decrease=1.5)
 
 
 def test_summed_features_match_diffusers_multiadapter(pipe, digits):
@@ -198,7 +276,7 @@ def test_a_new_modality_plugs_in_without_code_changes(pipe, digits, tmp_path):
     both = user(images, mask, control_images={"edges": extract("edges", images), "first_row": first_row}, **kwargs).images
     edges_only = user(images, mask, control_images={"edges": extract("edges", images)}, **kwargs).images
     assert torch.isfinite(both).all() and (both - edges_only).abs().max() > 1e-2
-    assert user.blend_losses.shape == (4, 5)
+    assert user.blend_losses.shape == (4, 6)
 
 
 def test_save_pretrained_keeps_the_adapters(pipe, tmp_path):
@@ -214,7 +292,7 @@ def test_save_pretrained_keeps_the_adapters(pipe, tmp_path):
 
 def test_pipeline_rejects_bad_input(pipe, digits):
     images, mask = digits
-    with pytest.raises(ValueError, match="no adapter for modalities"):
+    with pytest.raises(ValueError, match="no adapter or ControlNet for modalities"):
         pipe(images, mask, control_images={"depth": images})
     with pytest.raises(ValueError, match="blend must be one of"):
         pipe(images, mask, blend="average")
@@ -228,6 +306,18 @@ def test_pipeline_rejects_bad_input(pipe, digits):
         pipe(images * float("nan"), mask)
     with pytest.raises(ValueError, match="adapter_conditioning_scale names"):
         pipe(images, mask, control_images=_controls(images, ["edges"]), adapter_conditioning_scale={"ink_mask": 1.0})
+    with pytest.raises(ValueError, match="step_rule must be one of"):
+        pipe(images, mask, control_images=_controls(images), blend_step_rule="adam")
+    with pytest.raises(ValueError, match="blend_cond_tau must be in"):
+        pipe(images, mask, control_images=_controls(images), blend_cond_tau=1.5)
+    with pytest.raises(ValueError, match="max_step_size"):
+        OfficialStep(max_step_size=float("inf"))
+    pipe.controlnets = {"depth": object()}
+    try:
+        with pytest.raises(ValueError, match="ControlNetModel conditions a UNet2DConditionModel"):
+            pipe(images, mask, control_images={"depth": images})
+    finally:
+        pipe.controlnets = {}
 
 
 def test_cli_complete_keeps_the_known_half_and_refuses_to_overwrite(pipe, digits, tmp_path, capsys):
@@ -309,7 +399,9 @@ def test_latent_completion_keeps_the_known_region_with_prompts(sd_blend, blend):
     if blend == "cmb":
         run(control_images=controls, blend=blend, prompt="a red fox")
         losses = pipe.blend_losses
-        assert losses.shape == (3, 3) and torch.all(losses[:, 1:] < losses[:, :-1]), losses
+        assert losses.shape == (3, 4) and torch.all(losses[:, 1:] < losses[:, :-1]), losses
+        floor = pipe.blend_floor_losses  # the loss at the modalities' mean features: no latent gets below it
+        assert floor.shape == (3,) and torch.all(floor > 0) and torch.all(floor < losses.min(1).values)
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -327,3 +419,66 @@ def test_transformers_are_refused_with_the_reason():
     pipe = ModalityBlendPipeline.from_pipe(diffusers_pipe("flux"))
     with pytest.raises(ValueError, match="transformer, which has no encoder"):
         pipe(torch.zeros(1, 3, 16, 16), torch.ones(1, 1, 16, 16), prompt="a fox")
+
+
+@pytest.mark.parametrize("blend", ["cmb", "sum"])
+@pytest.mark.parametrize("cond_tau", [0.4, 1.0, 0.0])
+def test_cond_tau_window_feeds_the_modalities_exactly_at_magics_steps(pipe, digits, monkeypatch, blend, cond_tau):
+    """MaGIC's ddim_infer.py feeds branch k its adapter at step i (index = n - 1 - i counted down) iff
+    index >= int((1 - cond_tau) n): with cond_tau = 0.4 and 10 steps, the first 4. Every forward that adds adapter
+    features is recorded with its timestep; the fed timesteps are exactly those."""
+    import diffkit.blend.cmb as cmb
+
+    images, mask = digits
+    n = 10
+    seen = []  # (timestep, fed) for every forward under an adapter context
+    current = {}
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: current.update(t=float(args[1].flatten()[0])))
+    real_injected = cmb.injected
+
+    def spying_injected(unet, features, when):
+        def spy():
+            fed = when()
+            seen.append((round(current["t"]), fed))
+            return fed
+        return real_injected(unet, features, when=spy)
+
+    monkeypatch.setattr(cmb, "injected", spying_injected)
+    try:
+        pipe(images[:1], mask, control_images=_controls(images[:1]), blend=blend, num_inference_steps=n, blend_steps=n,
+             blend_iterations=1, blend_cond_tau=cond_tau, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(n)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    official = {timesteps[i] for i in range(n) if n - 1 - i >= int((1 - cond_tau) * n)}
+    assert {t for t, fed in seen if fed} == official
+    assert {t for t, _ in seen} == set(timesteps)  # every (blended) step asked the window
+    if cond_tau == 0.4:
+        assert len(official) == 4
+
+
+def test_line_search_never_raises_the_loss():
+    """On a non-convex loss >= 0 the accepted step never raises any sample's loss, the returned loss is the loss at
+    the returned point, and a sample for which no halving gives a decrease stays where it is."""
+    gen = torch.Generator().manual_seed(0)
+    freq = 1 + 5 * torch.rand(64, 6, generator=gen)
+
+    def objective(z, rows=None):
+        f = freq if rows is None else freq[rows]
+        return (torch.sin(f * z) + 1.1).mul(1 + z.pow(2)).sum(1)
+
+    z = 3 * torch.randn(64, 6, generator=gen)
+    rule, memory = LineSearch(max_halvings=3), {}
+    for _ in range(4):
+        zg = z.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(zg).sum(), zg)
+        loss = objective(z)
+        new_z, new_loss = rule.step(objective, z, loss, grad, None, memory)
+        assert torch.all(new_loss <= loss), (new_loss - loss).max()
+        assert torch.allclose(new_loss, objective(new_z))
+        stayed = memory["accepted"] == 0
+        assert torch.equal(new_z[stayed], z[stayed]) and torch.all(new_loss[~stayed] < loss[~stayed])
+        z = new_z
+    assert memory["accepted"].gt(0).any()

@@ -8,6 +8,7 @@ import torch
 from diffkit import Denoiser, NoiseSchedule, convert, make_timesteps, sample_ddim
 from diffkit.inverse import OPERATORS as SPECS
 from diffkit.inverse import Inpainting, SuperResolution, dps, make_operator, pigdm, random_mask, red_diff
+from diffkit.inverse.red_diff import red_diff_timesteps
 from helpers import tiny_unet
 
 
@@ -126,7 +127,7 @@ def test_red_diff_converges_to_the_gaussian_map(op_name, weighting, decoder):
         init = start = torch.zeros(batch, *mean.shape[1:], dtype=torch.float64)
     out = red_diff(
         denoiser, y.expand(batch, -1, -1, -1), operator, num_steps=steps, lr=lr, lam=lam, weighting=weighting,
-        obs_weight=obs_weight, generator=torch.Generator().manual_seed(1), init=init, decoder=decoder,
+        noise_levels="model", obs_weight=obs_weight, generator=torch.Generator().manual_seed(1), init=init, decoder=decoder,
     )
     expected_image = expected if decoder is None else decoder(expected)
     start_image = start[:1] if decoder is None else decoder(start[:1])
@@ -157,6 +158,96 @@ def test_red_diff_runs_without_network_gradients_over_descending_timesteps():
     seen = []
     red_diff(denoiser, op.forward(mean), op, num_steps=40, callback=lambda info: seen.append(info["t"]))
     assert seen == list(range(0, 1000, 25))[::-1]
+
+
+def test_red_diff_defaults_are_the_official_benchmark_run():
+    """sample_batch.sh: 1,000 steps, GRAD_WEIGHT (lam) 1.0, the yaml's lr 0.1; linear weighting, obs_weight 1."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(red_diff).parameters.items()}
+    assert (defaults["num_steps"], defaults["lr"], defaults["lam"]) == (1000, 0.1, 1.0)
+    assert (defaults["weighting"], defaults["obs_weight"], defaults["sigma_y"]) == ("linear", 1.0, None)
+
+
+def test_red_diff_noise_levels_are_the_papers_on_any_schedule():
+    """"adm" visits, on a cosine schedule, the timesteps whose sigma / alpha are the ADM linear schedule's at the
+    official range(0, 1000, 1000 // n); "model" visits the cosine schedule's own range(0, N, N // n)."""
+    adm = NoiseSchedule.from_config({"beta_schedule": "linear"})
+    cosine = NoiseSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
+    steps = torch.arange(0, 1000, 4, dtype=torch.float64).flip(0)
+    t = red_diff_timesteps(cosine, 250, "adm")
+    rho = lambda s, t: s.sigma(t) / s.alpha(t)  # noqa: E731
+    torch.testing.assert_close(rho(cosine, t), rho(adm, steps), rtol=1e-9, atol=0)
+    assert rho(adm, steps).sum() == pytest.approx(4395, abs=1)  # the issue's sums over 250 steps
+    assert rho(cosine, red_diff_timesteps(cosine, 250, "model")).sum() == pytest.approx(989, abs=1)
+    assert torch.equal(red_diff_timesteps(cosine, 250, "model"), steps)
+    assert torch.equal(red_diff_timesteps(adm, 250, "adm"), steps)  # exact integers on the ADM schedule itself
+    sd = NoiseSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    t = red_diff_timesteps(sd, 1000, "adm")  # SD's rho spans 0.03 .. 14.6: ADM's levels outside it are clamped
+    assert t.max() == 999 and t.min() == 0 and (t[1:] <= t[:-1]).all()
+    with pytest.raises(ValueError, match="noise_levels must be one of"):
+        red_diff_timesteps(sd, 10, "cosine")
+
+
+def test_red_diff_means_the_same_on_any_schedule():
+    """A Gaussian prior's exact eps depends on the noise level rho = sigma / alpha alone, so with the paper's noise
+    levels RED-Diff gives the same result on a linear-beta and a cosine schedule (same noise draws); on each
+    model's own timesteps it does not (the cosine schedule visits a quarter of the total rho)."""
+    g = torch.Generator().manual_seed(0)
+    mean = 0.5 * torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    var = (0.1 + 0.5 * torch.rand(SHAPE, generator=g, dtype=torch.float64)) ** 2
+    op = Inpainting(random_mask(4, 0.5, seed=2))
+    y = op.forward(mean + var.sqrt() * _randn(SHAPE, 3))
+    out = {}
+    for schedule_name in ("linear", "squaredcos_cap_v2"):
+        schedule = NoiseSchedule.from_config({"beta_schedule": schedule_name})
+        denoiser = Denoiser(GaussianPrior(schedule, mean, var), schedule, "epsilon")
+        for levels in ("adm", "model"):
+            out[schedule_name, levels] = red_diff(denoiser, y, op, num_steps=100, noise_levels=levels,
+                                                  generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out["linear", "adm"], out["squaredcos_cap_v2", "adm"], rtol=0, atol=1e-5)  # rho to 1e-12
+    assert (out["linear", "model"] - out["squaredcos_cap_v2", "model"]).abs().max() > 1e-2
+    torch.testing.assert_close(out["linear", "adm"], out["linear", "model"], rtol=0, atol=0)
+
+
+def test_red_diff_stops_each_sample_at_the_noise_level():
+    """With sigma_y, a sample stops the first time its RMS residual over the measured entries (an inpainting's
+    missing pixels excluded) falls back to discrepancy * sigma_y after having been above it, and keeps that mu;
+    until then, and for the other samples throughout, the run is the run without stopping. Without sigma_y
+    nothing stops."""
+    denoiser, mean, var = _linear_schedule_denoiser()
+    op = Inpainting(random_mask(4, 0.5, seed=2), sigma_y=0.05)
+    y = op.measure(mean + var.sqrt() * _randn((2, *SHAPE[1:]), 5), torch.Generator().manual_seed(6))
+
+    def run(**kwargs):
+        log = []
+        out = red_diff(denoiser, y, op, num_steps=200, generator=torch.Generator().manual_seed(1),
+                       callback=lambda info: log.append({k: v.clone() if torch.is_tensor(v) else v for k, v in info.items()}),
+                       **kwargs)
+        return out, log
+
+    level = 1.5 * 0.05
+    out, log = run(sigma_y=0.05, discrepancy=1.5)
+    plain, plain_log = run()
+    assert not any(e["stopped"].any() for e in plain_log) and len(plain_log) == 200
+    observed = op.mask.expand(2, 3, 4, 4).flatten(1) > 0
+
+    def rms(mu):  # over the observed entries; Inpainting: A(mu) = mask * mu
+        error = (y - op.forward(mu)).flatten(1) * observed
+        return (error.square().sum(1) / observed.sum(1)).sqrt()
+
+    before = [op.pinv(y)] + [e["mu"] for e in log]  # mu before each step
+    torch.testing.assert_close(torch.stack([e["residual"] for e in log]), torch.stack([rms(m) for m in before[:-1]]))
+    for b in range(2):
+        stop = next((i for i, e in enumerate(log) if e["stopped"][b]), len(log))  # the last one ends the walk
+        assert stop < 200, "the noisy measurement is over-fitted before the end"
+        residuals = torch.stack([rms(m)[b] for m in before[: stop + 1]])
+        armed = torch.cummax((residuals > level).int(), 0).values.bool()
+        assert armed[stop - 1] and residuals[stop] <= level  # above the level once, then back down to it
+        assert not (armed[:-2] & (residuals[1:-1] <= level)).any()  # ... for the first time
+        assert all(torch.equal(e["mu"][b], p["mu"][b]) for e, p in zip(log[:stop], plain_log[:stop]))
+        assert all(torch.equal(e["mu"][b], before[stop][b]) for e in log[stop:]) and torch.equal(out[b], before[stop][b])
+    assert len(log) < 200  # the walk ends once every sample has stopped
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
@@ -204,7 +295,7 @@ def test_red_diff_accepts_a_user_forward_model():
     y = Brighten().forward(mean)
     with pytest.raises(ValueError, match="no pinv, adjoint or input_shape"):
         red_diff(denoiser, y, Brighten(), num_steps=2)
-    out = red_diff(denoiser, y, Brighten(), num_steps=200, lr=0.05, init=torch.zeros(SHAPE, dtype=torch.float64))
+    out = red_diff(denoiser, y, Brighten(), num_steps=200, lr=0.05, lam=0.25, init=torch.zeros(SHAPE, dtype=torch.float64))
     assert (Brighten().forward(out) - y).norm() < 0.1 * y.norm()
 
 

@@ -116,50 +116,109 @@ def test_ndtc_and_uniform_follow_their_step_distributions():
     assert set(torch.bincount(u)[torch.bincount(u) > 0].tolist()) == {40}
 
 
-@pytest.mark.parametrize("policy", ["ndtc", "uniform"])
+class Recorded:
+    """The pipeline as build_calibration_sets calls it, keeping every network call and every final sample."""
+
+    def __init__(self, pipe):
+        self.pipe, self.unet, self.num_classes, self.calls, self.finals = pipe, pipe.unet, pipe.num_classes, [], []
+        pipe.unet.register_forward_pre_hook(lambda module, args: self.calls.append([a.clone() for a in args[:2]]))
+
+    def __call__(self, **kwargs):
+        out = self.pipe(**kwargs)
+        self.finals.append(out.images.clone())
+        return out
+
+
+def _executed(recorded, steps):
+    """Per chunk: (first global row, [(sample, timestep, class labels) of each step from the noise end], final)."""
+    chunks, base = [], 0
+    for c, final in enumerate(recorded.finals):
+        calls = recorded.calls[c * steps : (c + 1) * steps]
+        chunks.append((base, calls, final))
+        base += len(calls[0][0])
+    return chunks
+
+
+@pytest.mark.parametrize("policy", ["ndtc", "uniform", "ndtc_as_coded"])
 def test_calibration_rows_are_the_inputs_as_executed(policy):
+    """Every sample is the network input of its trajectory row at its step (with CFG's conditional and
+    unconditional rows, across several pipeline batches), with that call's timestep and the row's class label;
+    the as-coded NDTC pairs the sample after loop iteration k (counted from noise) with the timestep value k."""
     pipe = tiny_pipeline()
-    seen = {}
-
-    def keep(p, step, t, kw):  # the latents after step i are the network input of step i + 1
-        seen[step + 1] = kw["latents"].clone()
-        return {}
-
-    steps = 10
-    generator = torch.Generator().manual_seed(3)
-    labels = torch.randint(4, (64,), generator=generator).tolist()
-    pipe(class_labels=labels, num_inference_steps=steps, solver="ddim", generator=torch.Generator().manual_seed(4),
-         output_type="latent", callback_on_step_end=keep)
-    calib = build_calibration_set(pipe, 100, policy, num_inference_steps=steps, steps_used=5, class_labels=labels,
-                                  generator=torch.Generator().manual_seed(4))
+    labels_seen = []
+    pipe.unet.register_forward_pre_hook(lambda m, a, kw: labels_seen.append(kw["class_labels"].clone()), with_kwargs=True)
+    recorded, steps = Recorded(pipe), 10
+    calib = build_calibration_set(recorded, 60, policy, num_inference_steps=steps, steps_used=5, batch_size=8,
+                                  solver="ddim", generator=torch.Generator().manual_seed(4))
+    chunks = _executed(recorded, steps)
+    assert (len(chunks) > 1 or policy == "uniform") and all(len(calls[0][0]) <= 2 * 8 for _, calls, _ in chunks)  # <= 8 images
     timesteps = diffkit.make_timesteps(diffkit.NoiseSchedule.from_config(pipe.scheduler.config), "ddim", steps)
-    assert len(calib) == 100
-    for i in range(0, 100, 7):
-        k = calib.step_index[i].item()
-        call = steps - 1 - k  # k counts from the data end
-        assert calib.timestep[i] == timesteps[call]
-        if call > 0:
-            rows = torch.cat([seen[call], seen[call]])  # CFG runs [cond; uncond] on the same latents
-            assert any(torch.equal(calib.sample[i], r) for r in rows)
-        label = calib.cond["class_labels"][i].item()
-        assert label in labels or label == 4  # 4 = the null class of the unconditional rows
+    assert len(calib) == 60
+    for i in range(60):
+        row = calib.row[i].item()
+        c = max(c for c, chunk in enumerate(chunks) if chunk[0] <= row)
+        base, calls, final = chunks[c]
+        local, k = row - base, calib.step_index[i].item()
+        label = labels_seen[c * steps][local]
+        assert calib.cond["class_labels"][row] == label
+        if policy == "ndtc_as_coded":
+            k_drawn = int(calib.timestep[i].item())  # the network is fed the loop iteration k itself
+            expected = final[local % len(final)] if k_drawn == steps - 1 else calls[k_drawn + 1][0][local]
+            assert k == (-1 if k_drawn == steps - 1 else steps - 2 - k_drawn)
+            assert torch.equal(calib.sample[i], expected)
+        else:
+            sample, t = calls[steps - 1 - k]  # k counts from the data end
+            assert calib.timestep[i] == t == timesteps[steps - 1 - k]
+            assert torch.equal(calib.sample[i], sample[local])
+    if policy == "uniform":  # Q-Diffusion: the same first rows at each of 5 evenly spaced steps
+        assert sorted(set(calib.step_index.tolist())) == [0, 2, 4, 7, 9]
+        assert all(sorted(calib.row[calib.step_index == k].tolist()) == list(range(12)) for k in (0, 2, 4, 7, 9))
 
 
 def test_naive_calibration_is_noise_at_uniform_timesteps():
-    calib = build_calibration_set(tiny_pipeline(), 2000, "naive", num_inference_steps=2)
+    calib = build_calibration_set(tiny_pipeline(), 400, "naive", num_inference_steps=4, batch_size=200)
     assert abs(calib.sample.std().item() - 1) < 0.02 and (calib.step_index == -1).all()
-    assert calib.timestep.min() < 20 and calib.timestep.max() > 980
-    assert abs(calib.timestep.mean().item() - 499.5) < 20
+    assert calib.timestep.min() < 20 and calib.timestep.max() > 730  # the executed range: 750, 500, 250, 0
+    assert abs(calib.timestep.mean().item() - 375) < 40  # 3.7 standard errors
+
+
+def test_calibration_memory_does_not_grow_with_the_steps():
+    """The recorder keeps n samples and one conditioning per trajectory row, whatever the number of steps, and
+    its peak is what the set holds: nothing per step is kept on the way."""
+    sizes = {}
+    for steps in (3, 9):
+        for n in (24, 48):
+            calib = build_calibration_set(tiny_pipeline(), n, "ndtc", num_inference_steps=steps, batch_size=8)
+            assert calib.peak_bytes == calib.nbytes
+            assert len(calib.cond["class_labels"]) == n  # one per row: not n x steps
+            sizes[steps, n] = calib.nbytes
+    assert sizes[3, 24] == sizes[9, 24] and sizes[3, 48] == sizes[9, 48]
+    assert sizes[3, 48] == 2 * sizes[3, 24]
+
+
+def test_calibration_refuses_what_it_cannot_store_once():
+    """A per-row argument that changes between steps (here a conditioning that follows the step) is refused
+    rather than stored from the first step only."""
+    pipe = tiny_pipeline()
+    step = [0]
+
+    def shift_labels(module, args, kwargs):
+        step[0] += 1
+        return args, {**kwargs, "class_labels": (kwargs["class_labels"] + step[0]) % 5}
+
+    pipe.unet.register_forward_pre_hook(shift_labels, with_kwargs=True, prepend=True)
+    with pytest.raises(ValueError, match="change between steps"):
+        build_calibration_set(pipe, 8, "ndtc", num_inference_steps=3)
 
 
 def test_more_bits_less_error_on_the_default_model():
     pipe = diffkit.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     calib = build_calibration_set(pipe, 48, "uniform", num_inference_steps=8, steps_used=8)
-    x, t, cond = next(calib.batches(48))
+    inputs = next(calib.batches(48))
     with torch.no_grad():
-        ref = pipe.unet(x, t, **cond).sample
-        error = {bits: (quantize_model(pipe.unet, calib, bits)(x, t, **cond).sample - ref).pow(2).mean().item()
+        ref = pipe.unet(**inputs).sample
+        error = {bits: (quantize_model(pipe.unet, calib, bits)(**inputs).sample - ref).pow(2).mean().item()
                  for bits in ("w8a8", "w4a8")}
     assert 0 < error["w8a8"] < error["w4a8"] < ref.pow(2).mean().item() / 10
     assert not any(isinstance(m, QuantizedLayer) for m in pipe.unet.modules())  # the float model is untouched
@@ -187,6 +246,14 @@ def test_bad_input_is_refused():
         quantize_pipeline(pipe, "w3a3")
     with pytest.raises(ValueError, match="policy must be one of"):
         build_calibration_set(pipe, 8, "gaussian")
+    with pytest.raises(ValueError, match="act_calibration must be one of"):
+        quantize_pipeline(pipe, act_calibration="ema")
+    with pytest.raises(ValueError, match="prompts or prompt_embeds, not both"):
+        build_calibration_set(pipe, 8, prompts=["a"], prompt_embeds=torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="prompts must be a non-empty list"):
+        build_calibration_set(pipe, 8, prompts="a cat")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        build_calibration_set(pipe, 8, batch_size=0)
     with pytest.raises(ValueError, match="positive integer"):
         build_calibration_set(pipe, 0)
     with pytest.raises(ValueError, match="range method"):
@@ -195,6 +262,207 @@ def test_bad_input_is_refused():
         activation_range(torch.tensor([0.0, float("nan")]), 8)
     with pytest.raises(TypeError, match="only Conv2d and Linear"):
         QuantizedLayer(torch.nn.Embedding(3, 4), 8, 8)
+
+
+def _sqnr(out, ref):
+    return (10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum())).item()
+
+
+def _every_layer_quantised(float_model, quantized):
+    """Every Conv2d / Linear of the float model is a QuantizedLayer (or a split shortcut's two) in the copy."""
+    names = {n for n, m in float_model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    inner = quantized.model
+    assert not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in inner.modules())
+    done = {n for n, m in inner.named_modules() if isinstance(m, QuantizedLayer)}
+    assert {n.rsplit(".", 1)[0] if n.endswith((".hidden", ".skip")) else n for n in done} == names
+
+
+def _round_trip(pipe, name, tmp_path, run):
+    before = run(pipe)
+    getattr(pipe, name).save_pretrained(tmp_path / name)
+    assert not list((tmp_path / name).rglob("*.bin"))
+    loaded = QuantizedModel.from_pretrained(tmp_path / name)
+    pipe.register_modules(**{name: loaded})
+    assert torch.equal(run(pipe), before)
+
+
+def tiny_sd(with_text_encoder: bool):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from helpers import tiny_text_components
+
+    parts = tiny_text_components()
+    if not with_text_encoder:
+        parts["text_encoder"] = parts["tokenizer"] = None
+    pipe = StableDiffusionPipeline(**parts, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd_unet_calibrates_on_prompt_embeddings_and_quantises(tmp_path):
+    """A Stable Diffusion 1.x pipeline without text encoders: prompt embeddings cycle over the calibration images,
+    CFG's conditional and negative rows are both recorded, stored once per row; W8A8 output stays near FP32."""
+    pipe = tiny_sd(with_text_encoder=False)
+    g = torch.Generator().manual_seed(0)
+    embeds = {"prompt_embeds": torch.randn(3, 16, 32, generator=g), "negative_prompt_embeds": torch.randn(3, 16, 32, generator=g)}
+    calib = build_calibration_set(pipe, 24, "ndtc", num_inference_steps=4, batch_size=4, prompt_embeds=embeds,
+                                  guidance_scale=5.0, height=16, width=16)
+    states = calib.cond["encoder_hidden_states"]
+    assert states.shape == (24, 16, 32) and calib.sample.shape == (24, 4, 8, 8)
+    # rows in batches of 4 images: [negative; conditional] (diffusers' order), prompts cycled image by image
+    for row in range(24):
+        batch, local = divmod(row, 8)
+        image = 4 * batch + local % 4
+        source = embeds["negative_prompt_embeds" if local < 4 else "prompt_embeds"][image % 3]
+        assert torch.equal(states[row], source)
+    unet = pipe.unet
+    quantize_pipeline(pipe, "w8a8", "ndtc", n=24, num_inference_steps=4, batch_size=4, prompt_embeds=embeds,
+                      guidance_scale=5.0, height=16, width=16)
+    assert isinstance(pipe.unet, QuantizedModel)
+    _every_layer_quantised(unet, pipe.unet)
+    inputs = calib.inputs(slice(0, 24))
+    with torch.no_grad():
+        assert _sqnr(pipe.unet(**inputs).sample, unet(**inputs).sample) > 25
+    run = lambda p: p(prompt_embeds=embeds["prompt_embeds"][:2], negative_prompt_embeds=embeds["negative_prompt_embeds"][:2],  # noqa: E731
+                      num_inference_steps=3, height=16, width=16, output_type="latent", generator=torch.Generator().manual_seed(1)).images
+    _round_trip(pipe, "unet", tmp_path, run)
+
+
+def test_sd_calibration_from_prompts():
+    """With the text encoder present, prompts are encoded by the pipeline itself: the same rows as passing the
+    embeddings it makes of them."""
+    pipe = tiny_sd(with_text_encoder=True)
+    prompts = ["a red cat", "two dogs"]
+    by_prompt = build_calibration_set(pipe, 8, "uniform", num_inference_steps=3, steps_used=3, prompts=prompts, height=16, width=16)
+    cond, neg = pipe.encode_prompt(prompts, "cpu", 1, True)
+    by_embeds = build_calibration_set(pipe, 8, "uniform", num_inference_steps=3, steps_used=3, height=16, width=16,
+                                      prompt_embeds={"prompt_embeds": cond, "negative_prompt_embeds": neg})
+    # equal up to float rounding: the pipeline encodes the prompts in batches of another size
+    torch.testing.assert_close(by_prompt.cond["encoder_hidden_states"], by_embeds.cond["encoder_hidden_states"])
+    torch.testing.assert_close(by_prompt.sample, by_embeds.sample)
+
+
+def _tiny_vae(latent_channels):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, sample_size=16)
+
+
+def tiny_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        caption_projection_dim=16, pooled_projection_dim=8)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(4),
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    g = torch.Generator().manual_seed(1)
+    embeds = {"prompt_embeds": torch.randn(2, 7, 16, generator=g), "pooled_prompt_embeds": torch.randn(2, 8, generator=g),
+              "negative_prompt_embeds": torch.randn(2, 7, 16, generator=g),
+              "negative_pooled_prompt_embeds": torch.randn(2, 8, generator=g)}
+    return pipe, embeds
+
+
+def tiny_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                         axes_dims_rope=[2, 2, 4])
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(4), text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    g = torch.Generator().manual_seed(1)
+    embeds = {"prompt_embeds": torch.randn(2, 7, 16, generator=g), "pooled_prompt_embeds": torch.randn(2, 8, generator=g),
+              "negative_prompt_embeds": torch.randn(2, 7, 16, generator=g),
+              "negative_pooled_prompt_embeds": torch.randn(2, 8, generator=g)}
+    return pipe, embeds
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformers_quantise_every_layer_and_round_trip(family, tmp_path):
+    """SD3 and Flux transformers, calibrated through their own diffusers pipelines on prompt embeddings (Flux with
+    true CFG: two calls per step, both recorded): every Conv2d / Linear is quantised, the patch embedding that
+    reads x_t keeps float inputs and 8-bit weights, W8A8 output stays near FP32, and save / load is exact."""
+    pipe, embeds = tiny_sd3() if family == "sd3" else tiny_flux()
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"true_cfg_scale": 2.0, "guidance_scale": 1.0} if family == "flux" else {"guidance_scale": 4.0}
+    transformer = pipe.transformer
+    calib = build_calibration_set(pipe, 16, "ndtc", num_inference_steps=4, batch_size=2, prompt_embeds=embeds,
+                                  height=16, width=16, **extra)
+    assert calib.sample_name == "hidden_states" and len(calib.cond["encoder_hidden_states"]) == 16
+    if family == "flux":
+        assert set(calib.shared) >= {"img_ids", "txt_ids"}  # no batch dimension: stored once
+    quantized = quantize_model(transformer, calib, "w8a8")
+    _every_layer_quantised(transformer, quantized)
+    reader = "pos_embed.proj" if family == "sd3" else "x_embedder"
+    assert quantized.recipe["layers"][reader] == [8, None] or quantized.recipe["layers"][reader] == (8, None)
+    assert quantized.recipe["layers"]["proj_out"][0] == 8
+    inputs = calib.inputs(slice(0, 16))
+    with torch.no_grad():
+        assert _sqnr(quantized(**inputs, return_dict=False)[0], transformer(**inputs, return_dict=False)[0]) > 25
+    pipe.register_modules(transformer=quantized)
+    run = lambda p: p(**{k: v[:1] for k, v in embeds.items()}, num_inference_steps=2, height=16, width=16,  # noqa: E731
+                      output_type="latent", generator=torch.Generator().manual_seed(2), **extra).images
+    _round_trip(pipe, "transformer", tmp_path, run)
+
+
+def _qdrop_1d_search(x, bits=8, side=None):
+    """QDrop's UniformAffineQuantizer.perform_1D_search (per tensor, symmetric / one-sided), transcribed; ``side``
+    is its one_side_dist, set from the first batch it sees."""
+    side = side or ("pos" if x.min() >= 0 else "neg" if x.max() <= 0 else "no")
+    xrange = torch.max(x.min().abs(), x.max())
+    thres = xrange / 100 * torch.arange(1, 101, dtype=x.dtype)
+    new_min = torch.zeros_like(thres) if side == "pos" else -thres
+    new_max = torch.zeros_like(thres) if side == "neg" else thres
+    scale = torch.max((new_max - new_min) / (2**bits - 1), torch.tensor(1e-8))
+    zero_point = torch.clamp(-torch.round(new_min / scale), 0, 2**bits - 1)[:, None]
+    x_int = torch.max(torch.min(torch.round(x.view(1, -1) / scale[:, None]), 2**bits - 1 - zero_point), -zero_point)
+    score = (x_int * scale[:, None] - x.view(1, -1)).abs().pow(2.4).mean(1)
+    i = torch.argmin(score)
+    return new_min[i], new_max[i]
+
+
+@pytest.mark.parametrize("shift", [0.0, 5.0, -5.0])  # two-sided, all >= 0, all <= 0
+def test_symmetric_search_is_qdrops_1d_search(shift):
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 2
+    x = x.abs() if shift > 0 else -x.abs() if shift < 0 else x
+    x[0] = 9.0 if shift >= 0 else -9.0  # an outlier the search clips
+    from diffkit.quant.scales import one_sided, symmetric_range
+
+    low, high = symmetric_range(x, 8, one_sided(x))
+    expected = _qdrop_1d_search(x)
+    torch.testing.assert_close((low, high), (expected[0].float(), expected[1].float()))
+    assert (low == 0) == (shift > 0) and (high == 0) == (shift < 0)
+
+
+def test_symmetric_ema_calibration_is_ptq4dms_procedure():
+    """act_calibration="symmetric_ema": per batch of the calibration set, the 1-D search on the layer's input
+    (one-sided for good if the first batch is), then range = 0.1 * new + 0.9 * previous (QDrop's
+    update_quantize_range), as transcribed here for the first layer to run (the time embedding's, whose input no
+    other quantised layer touches)."""
+    pipe = tiny_pipeline()
+    calib = build_calibration_set(pipe, 40, "uniform", num_inference_steps=4, steps_used=4, batch_size=20)
+    q = quantize_model(pipe.unet, calib, "w8a8", act_calibration="symmetric_ema", batch_size=10, samples_per_layer=None)
+    running, side = None, None
+    for inputs in calib.batches(10):
+        features = pipe.unet.time_proj(inputs["timestep"])  # what time_embedding.linear_1 reads
+        side = side or ("pos" if features.min() >= 0 else "neg" if features.max() <= 0 else "no")
+        best = torch.stack(_qdrop_1d_search(features, side=side))
+        running = best if running is None else 0.1 * best + 0.9 * running
+    assert side == "pos"  # the first batch is t = 0: sin 0 = 0, cos 0 = 1; later batches are two-sided
+    layer = q.model.time_embedding.linear_1
+    scale, zero = affine_params(running[0].float(), running[1].float(), 8)
+    torch.testing.assert_close(layer.input_scale, scale)
+    assert layer.input_zero_point == zero == 0  # [0, c]: one-sided, as the first batch decided
+    with pytest.raises(ValueError, match="needs method='lp'"):
+        quantize_model(pipe.unet, calib, act_calibration="symmetric_ema", method="absmax")
 
 
 def test_int8_graph_computes_what_the_simulation_computes():
@@ -242,3 +510,23 @@ def test_int8_kernels_match_the_int8_graph_and_are_used():
     error = lambda out: ((out - reference).norm() / reference.norm()).item()  # noqa: E731
     assert error(compiled) < 1.5 * error(eager) + 1e-3
     assert ((compiled - eager).norm() / eager.norm()) < 0.1
+
+
+def test_sdxl_unet_calibrates_with_its_added_conditioning():
+    """SDXL's UNet is calibrated through its own pipeline from prompts: the pooled text embeddings and size ids
+    (``added_cond_kwargs``) are stored with every row beside the token embeddings, and W8A8 stays near FP32."""
+    from test_real_models import diffusers_pipe
+
+    pipe = diffusers_pipe("sdxl")
+    kw = dict(num_inference_steps=3, batch_size=2, prompts=["a fox", "a cat"], height=16, width=16)
+    calib = build_calibration_set(pipe, 8, "ndtc", **kw)
+    added = calib.cond["added_cond_kwargs"]
+    assert calib.cond["encoder_hidden_states"].shape[0] == 8
+    assert added["text_embeds"].shape[0] == 8 and added["time_ids"].shape == (8, 6)
+    unet = pipe.unet
+    quantize_pipeline(pipe, "w8a8", "ndtc", n=8, **kw)
+    assert isinstance(pipe.unet, QuantizedModel)
+    _every_layer_quantised(unet, pipe.unet)
+    inputs = calib.inputs(slice(0, 8))
+    with torch.no_grad():
+        assert _sqnr(pipe.unet(**inputs).sample, unet(**inputs).sample) > 25

@@ -189,3 +189,19 @@ def test_red_diff_on_a_flow_model_is_refused_with_the_reason():
     op = make_operator("sr:2")
     with pytest.raises(ValueError, match="RED-Diff visits the VP schedule"):
         pipe(torch.zeros(1, 3, 8, 8), op, prompt="a fox", height=16, width=16)
+
+
+def test_default_steps_are_the_methods_own(pipe, digits, monkeypatch):
+    """Without num_inference_steps each method runs its own default: RED-Diff the official run's 1,000 steps."""
+    import diffkit.pipelines.inverse as inverse_module
+
+    seen = {}
+    for name in ("red_diff", "dps", "pigdm"):
+        def record(denoiser, y, operator, _name=name, **kwargs):
+            seen[_name] = kwargs[inverse_module.STEPS_KEYWORD[_name]]
+            return torch.zeros(len(y), 3, 16, 16)
+        monkeypatch.setitem(inverse_module.METHODS, name, record)
+    op = make_operator("sr:2")
+    for name in ("red_diff", "dps", "pigdm"):
+        pipe(op.forward(digits[:1]), op, method=name)
+    assert seen == {"red_diff": 1000, "dps": 1000, "pigdm": 100}

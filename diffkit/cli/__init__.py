@@ -25,6 +25,14 @@ def build_parser() -> Parser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """A bar left open by a failing run would print the error on its own line and redraw itself after it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
@@ -35,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("error: interrupted (only complete files were written)", file=sys.stderr)
         return 130
     except MemoryError:
+        _close_progress_bars()
         print("error: out of memory; use fewer or smaller images per batch (--batch-size, -n)", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, RuntimeError, SafetensorError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
+        _close_progress_bars()
         print(f"error: {message}", file=sys.stderr)
         return 2
     return 0

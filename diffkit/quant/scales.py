@@ -7,6 +7,10 @@ post-GroupNorm tensors are lopsided, and x86 int8 backends take uint8 affine act
 Range rules: "absmax" (the observed extremes), "percentile" (the 0.01% / 99.99% quantiles) and "lp", PTQ4DM's
 search: shrink the extremes by 1%, 2%, ... 99% (100 candidates) and keep the one whose quantise-dequantise
 error sum |x - Q(x)|^p is smallest, with p = 2.4.
+
+``symmetric_range`` is the activation search as the released PTQ4DM code runs it (QDrop's
+``UniformAffineQuantizer.perform_1D_search`` with ``symmetric=True``): candidate ranges [-c, c] for
+c = max|x| * i / 100, i = 1..100, or [0, c] / [-c, 0] for a tensor that is one-sided, error mean |x - Q(x)|^2.4.
 """
 
 import torch
@@ -90,3 +94,30 @@ def activation_range(samples: torch.Tensor, bits: int, method: str = "lp", p: fl
                 best = (error, low * shrink, high * shrink)
         low, high = best[1], best[2]
     return low.float(), high.float()
+
+
+def one_sided(x: torch.Tensor) -> str:
+    """"pos" if every value is >= 0, "neg" if every value is <= 0, else "no" (QDrop's ``one_side_dist``)."""
+    return "pos" if x.min() >= 0 else "neg" if x.max() <= 0 else "no"
+
+
+def symmetric_range(samples: torch.Tensor, bits: int, side: str = "no", p: float = LP_NORM, bound=None):
+    """(low, high) by PTQ4DM's symmetric 1-D search: the best of [-c, c] (``side`` "no"), [0, c] ("pos") or
+    [-c, 0] ("neg") for c = bound * i / 100, i = 1..100, by mean |x - Q(x)|^p over ``samples``. ``bound``
+    defaults to max |samples|; pass the whole tensor's when ``samples`` is a subset of it."""
+    _check(bits, "lp")
+    if side not in ("no", "pos", "neg"):
+        raise ValueError(f"side must be 'no', 'pos' or 'neg', got {side!r}")
+    x = samples.detach().flatten().float()
+    if not torch.isfinite(x).all():
+        raise ValueError("activation samples contain NaN or inf")
+    bound = x.abs().max() if bound is None else torch.as_tensor(bound, dtype=x.dtype)
+    best = None
+    for c in bound * torch.arange(1, CANDIDATES + 1, dtype=x.dtype) / CANDIDATES:
+        low = torch.zeros_like(c) if side == "pos" else -c
+        high = torch.zeros_like(c) if side == "neg" else c
+        scale, zero = affine_params(low, high, bits)
+        error = (x - fake_quantize_affine(x, scale, zero, bits)).abs().pow(p).mean()
+        if best is None or error < best[0]:
+            best = (error, low, high)
+    return best[1].float(), best[2].float()
