@@ -6,6 +6,7 @@ data and the card path."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -263,3 +264,58 @@ def test_condensation_arguments_are_checked():
         condense(x, torch.arange(20) % 10, 10, 1, lambda: ConvNet((1, 8, 8), 10, 8, 2), contrastive=True)
     with pytest.raises(ValueError, match="below 1x1"):
         ConvNet((1, 8, 8), 10, depth=4)
+
+
+def test_shared_texture_puts_label_independent_backgrounds_beside_each_digit():
+    from diffkit.harness.condensation import shared_texture, texture_bank
+
+    d = digits(0)
+    out = shared_texture(d, 0, count=2, textures=3)
+    assert out.image_shape == (1, 8, 24) and torch.equal(out.y_train, d.y_train)
+    images = out.x_train.view(-1, 1, 8, 24)
+    torch.testing.assert_close(images[..., :8].flatten(1), d.x_train, rtol=0, atol=0)
+    bank = texture_bank(8, 8, 3).flatten(1)
+    for block in (images[..., 8:16], images[..., 16:]):
+        matches = (block.flatten(1)[:, None] == bank[None]).all(-1)  # which bank texture each block is
+        assert matches.sum(1).eq(1).all()  # exactly one, for every image
+        chosen = matches.float().argmax(1)
+        # shared by all classes: every texture appears with every label
+        for c in range(10):
+            assert set(chosen[d.y_train == c].tolist()) == {0, 1, 2}
+    assert float(bank.min()) == 0.0 and float(bank.max()) == 1.0
+    with pytest.raises(ValueError, match="textures must be an int >= 1"):
+        shared_texture(d, 0, textures=0)
+
+
+def test_dc_augment_applies_one_of_crop_scale_rotate_per_image():
+    from diffkit.harness.condensation import dc_augment, dc_augment_params
+
+    params = dc_augment_params((1, 28, 28))
+    assert params == {"crop": 4, "scale": 0.2, "rotate": 45, "strategy": ("crop", "scale", "rotate")}
+    assert dc_augment_params((1, 8, 8))["crop"] == 1
+    x = torch.rand(6, 1, 8, 8)
+    rng = np.random.default_rng(0)
+    # crop only: each image is the mean-padded original cut at an offset within [0, 2 crop)
+    out = dc_augment(x, {**params, "crop": 1, "strategy": ("crop",)}, rng)
+    mean = x.mean()
+    for img, aug in zip(x, out):
+        padded = torch.full((1, 10, 10), float(mean))
+        padded[:, 1:9, 1:9] = img
+        assert any(torch.allclose(aug, padded[:, r:r + 8, c:c + 8]) for r in range(2) for c in range(2))
+    # scaling by a factor of exactly 1 is the identity; rotation keeps the shape; the input is never modified
+    same = dc_augment(x, {**params, "scale": 0.0, "strategy": ("scale",)}, np.random.default_rng(1))
+    torch.testing.assert_close(same, x, atol=0, rtol=0)
+    assert dc_augment(x, {**params, "strategy": ("rotate",)}, np.random.default_rng(2)).shape == x.shape
+    assert out.shape == x.shape and not torch.equal(out, x)
+
+
+def test_condense_card_with_dc_augmentation_runs():
+    card = _card()
+    card["budget"]["eval_augment"] = True
+    card["methods"] = {"random": {}}
+    card["baseline"] = "random"
+    record = run_method(validate_card(card), "random", 0, progress=False)
+    assert 0 < record["metrics"]["test_accuracy"] <= 1
+    card["budget"]["eval_augment"] = "yes"
+    with pytest.raises(ValueError, match="eval_augment must be true or false"):
+        validate_card(card)

@@ -136,3 +136,16 @@ def test_colored_environments_have_the_stated_correlations():
     torch.testing.assert_close(lit, x)
     with pytest.raises(ValueError, match="10-class"):
         colored_environments(HarnessData(x, clean, x, clean, 2), seed=0)
+
+
+def test_downsample_keeps_every_second_pixel_as_the_coloured_mnist_script():
+    from diffkit.harness.data import HarnessData
+    from diffkit.harness.hessian_alignment import downsample
+
+    x = torch.arange(2 * 28 * 28, dtype=torch.float).view(2, 784)
+    data = HarnessData(x, torch.tensor([0, 1]), x[:1], torch.tensor([0]), 10, image_shape=(1, 28, 28))
+    out = downsample(data, 0)
+    assert out.image_shape == (1, 14, 14) and out.num_features == 196
+    torch.testing.assert_close(out.x_train, x.view(2, 28, 28)[:, ::2, ::2].reshape(2, 196))
+    with pytest.raises(ValueError, match="factor"):
+        downsample(data, 0, factor=0)

@@ -195,3 +195,23 @@ def test_denoise_cards_need_a_noise_model_and_a_denoiser():
         validate_card({**card, "data": {"name": "sample_patches"}})
     with pytest.raises(ValueError, match="noise 'gamma' has no parameter 'sigma'; allowed: k"):
         validate_card({**card, "data": {"name": "sample_patches", "noise": {"name": "gamma", "sigma": 0.1}}})
+
+
+def test_zero_output_makes_the_supervised_residual_denoiser_start_as_the_identity():
+    y = torch.rand(3, 1, 16, 16)
+    torch.manual_seed(0)
+    zero = ScoreUNet(1, 1, width=4, zero_output=True)
+    torch.testing.assert_close(SupervisedDenoiser().estimate(zero, y, None), y, rtol=0, atol=0)
+    # the output layer still trains: its weight gets a gradient although it starts at zero
+    (zero(y) - 1).square().mean().backward()
+    assert zero.decode[-1].weight.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    assert not torch.allclose(SupervisedDenoiser().estimate(ScoreUNet(1, 1, width=4), y, None), y)
+    with pytest.raises(TypeError, match="zero_output must be a bool"):
+        ScoreUNet(1, 1, width=4, zero_output=1)
+    # both shipped denoise cards train their supervised reference from the identity
+    from diffkit.harness.cards import load_card
+
+    for name in ("noise2score_gaussian", "noise2score_gamma"):
+        card = load_card(f"cards/{name}.json")
+        assert card["methods"]["supervised"]["model"] == {"zero_output": True}

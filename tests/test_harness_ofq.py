@@ -275,3 +275,50 @@ def test_ofq_cards_validate_and_a_short_cga_run_reports_the_frozen_fraction():
     bad = {**card, "methods": {"ofq": {"algorithm": {"name": "cga", "boundary_range": 0.7}}}}
     with pytest.raises(ValueError, match="boundary_range"):
         run_method(validate_card(bad), "ofq", 0, progress=False)
+
+
+# --- oscillations by direction reversals (TrackOscillation) ------------------------------------------------------
+
+def test_oscillations_count_direction_reversals_not_every_code_change():
+    class Codes(nn.Module):  # a quantised layer whose integer codes the test sets step by step
+        def __init__(self):
+            super().__init__()
+            self.codes = torch.zeros(5)
+
+        def integer_weight(self):
+            return self.codes.clone()
+
+    layer = Codes()
+    # per weight: up-down-up (2 reversals), up-up-down (1), up-stay-down (1: the direction is remembered across a
+    # step without change), a two-level jump and back (1), monotone (0)
+    steps = [[1, 1, 1, 2, 1], [0, 2, 1, 2, 2], [1, 1, 0, 0, 3]]
+    state = SimpleNamespace(unwrapped_model=layer, step=0, epoch=0, logs={})
+    hook = LevelFlips()
+    hook.on_train_start(state)
+    for i, codes in enumerate(steps):
+        layer.codes = torch.tensor(codes, dtype=torch.float)
+        state.step = i + 1
+        if i < len(steps) - 1:
+            hook.on_step_start(state)
+    hook.on_epoch_end(state)
+    hook.on_train_end(state)
+    assert state.logs["oscillations_last_epoch"] == pytest.approx(5 / 5)  # 2 + 1 + 1 + 1 + 0 over 5 weights
+    assert state.logs["level_flips_last_epoch"] == pytest.approx(13 / 5)  # every change: 3 + 3 + 2 + 2 + 3
+    assert state.logs["curves"]["oscillations"] == [[1, pytest.approx(1.0)]]
+
+
+def test_cga_runs_in_the_cool_down_at_the_minimum_rate_beside_a_no_freeze_control():
+    """OFQ's cga.py fine-tunes with CGA after the cosine decay, at its minimum rate: in both OFQ cards the CGA
+    epochs are exactly the final constant stage, held at the cosine's end, and every CGA arm has a control with
+    the same model and schedule that does not freeze."""
+    for name in ("ofq_statsq", "ofq_vit"):
+        card = load_card(f"cards/{name}.json")
+        cosine, fine_tune = card["budget"]["lr_schedule"]["stages"]
+        assert cosine["shape"] == "cosine" and fine_tune["shape"] == "constant"
+        assert fine_tune["lr"] == cosine["end"] < 1
+        for method, spec in card["methods"].items():
+            if spec.get("algorithm", {}).get("name") != "cga":
+                continue
+            assert spec["algorithm"]["freeze_epochs"] == fine_tune["epochs"]
+            control = {k: v for k, v in spec.items() if k != "algorithm"}
+            assert control in [s for m, s in card["methods"].items() if m != method], (name, method)

@@ -1,7 +1,8 @@
-"""DenseShift's zero-free power-of-two weights and the plain PoT quantizer with zero: the grids, the straight-through
-gradients against their closed forms, exact round trips of on-grid weights, and the card path; OFQ's StatsQ and the
+"""DenseShift's zero-free power-of-two weights (the official thermometer code and sqrt surrogate) and the plain PoT
+quantizer with zero: the grids, the straight-through gradients against their closed forms, exact round trips of on-grid weights, and the card path; OFQ's StatsQ and the
 level-flip (oscillation) count."""
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -11,30 +12,39 @@ from torch import nn
 from diffkit.harness.data import digits
 from diffkit.harness.experiment import build_model
 from diffkit.harness.registry import LAYERS
-from diffkit.harness.shift import ShiftDiagnostics, ShiftLinear, denseshift_levels, pot_levels, zero_weight_fraction
+from diffkit.harness.shift import (ShiftDiagnostics, ShiftLinear, denseshift_levels, pot_levels, thermometer_shift,
+                                   zero_weight_fraction)
 from diffkit.harness.statsq import LevelFlips, StatsQLinear, statsq
 
 
-def _wide_latents(out_features, in_features, seed=0):
-    # magnitudes log-uniform over [2^-12, 4] (beyond both ends of every grid), random signs, plus exact zeros
+def _wide_latents(out_features, in_features, seed=0, top=2):
+    # magnitudes log-uniform over [2^-12, 2^top] (beyond both ends of every grid), random signs, plus exact zeros
     g = torch.Generator().manual_seed(seed)
-    mags = torch.exp2(torch.empty(out_features, in_features).uniform_(-12, 2, generator=g))
+    mags = torch.exp2(torch.empty(out_features, in_features).uniform_(-12, top, generator=g))
     w = torch.where(torch.rand(out_features, in_features, generator=g) < 0.5, -mags, mags)
     w[0, :4] = 0.0
     return w
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_denseshift_weights_lie_on_the_zero_free_grid(bits):
     layer = ShiftLinear(40, 50, "denseshift", bits)
-    layer.set_weight(_wide_latents(50, 40))
+    assert layer.shift_latents.shape == (2 ** (bits - 1) - 1, 50, 40)  # one binary latent per shift step
+    layer.set_weight(_wide_latents(50, 40, top=10))
     w = layer.quantized_weight().detach().double()
-    # the grid from first principles: +-2^-p, p = 0 .. 2^(b-1) - 1, no zero
-    grid = {s * 2.0 ** -p for s in (-1, 1) for p in range(2 ** (bits - 1))}
+    # the grid from first principles: +-2^p, p = 0 .. 2^(b-1) - 1, no zero (the official 3-bit w_sign * 2^shift)
+    grid = {s * 2.0 ** p for s in (-1, 1) for p in range(2 ** (bits - 1))}
     assert set(w.unique().tolist()) == grid  # every level used, nothing off the grid
     assert len(grid) == 2 ** bits and 0.0 not in grid and (w != 0).all()
     assert set(denseshift_levels(bits).tolist()) == grid
     assert zero_weight_fraction(nn.Sequential(layer)) == 0.0
+
+
+def test_denseshift_thermometer_code_is_the_official_3bit_product():
+    b = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3))).T  # every (b1, b2, b3)
+    b1, b2, b3 = b
+    torch.testing.assert_close(thermometer_shift(b), ((b1 + 1) * b2 + 1) * b3)
+    assert set(thermometer_shift(b).tolist()) == {0.0, 1.0, 2.0, 3.0}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -63,22 +73,27 @@ def test_on_grid_weights_round_trip_exactly(quantizer, bits):
     torch.testing.assert_close(layer(x), x @ w.T)
 
 
-def test_denseshift_ste_gradients_match_the_closed_form():
-    u = torch.tensor([[0.3, -0.7, 1.5, -2.0, 0.0]])
-    m = torch.tensor([[0.9, -0.3, 0.05, 0.2, -1.7]])
+def test_denseshift_gradients_follow_the_official_sqrt_surrogate():
     layer = ShiftLinear(5, 1, "denseshift", bits=3)
+    u = torch.tensor([[0.3, -0.7, 1.5, -2.0, 0.0]])
+    t = torch.tensor([[[0.2, -0.1, 0.3, 0.4, -0.2]],    # t1
+                      [[0.5, 0.1, -0.3, 0.4, 0.0]],     # t2 (0 binarises to 0)
+                      [[0.1, 0.2, 0.3, -0.4, 0.2]]])    # t3
     with torch.no_grad():
         layer.sign_latent.copy_(u)
-        layer.shift_latent.copy_(m)
-    # forward by hand: s = sign(u) with sign(0) = +1; p = clamp(round(-log2 |m|), 0, 3)
-    s = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]])
-    p = torch.tensor([[0.0, 2.0, 3.0, 2.0, 0.0]])  # -log2: 0.152, 1.737, 4.32 (clamped), 2.32, -0.77 (clamped)
-    torch.testing.assert_close(layer.quantized_weight().detach(), s * 2.0 ** -p)
+        layer.shift_latents.copy_(t)
+    s = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]])  # sign(0) = +1
+    b1, b2, b3 = (t > 0).float()
+    p = ((b1 + 1) * b2 + 1) * b3
+    torch.testing.assert_close(p, torch.tensor([[3.0, 2.0, 1.0, 0.0, 1.0]]))
+    torch.testing.assert_close(layer.quantized_weight().detach(), s * 2.0**p)
     upstream = torch.tensor([[0.5, -1.0, 2.0, 0.25, -3.0]])
     (layer.quantized_weight() * upstream).sum().backward()
-    # sign-STE: dL/du = g 2^-p 1{|u| <= 1}; shift STE: dL/dm = g s sign(m)
-    torch.testing.assert_close(layer.sign_latent.grad, upstream * 2.0 ** -p * (u.abs() <= 1).float())
-    torch.testing.assert_close(layer.shift_latent.grad, upstream * s * torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0]]))
+    # identity STEs through sign and the 0/1 binarisations, the surrogate s sqrt(p + 1) in between
+    torch.testing.assert_close(layer.sign_latent.grad, upstream * torch.sqrt(p + 1))
+    dw_dp = upstream * s / (2 * torch.sqrt(p + 1))
+    expected = torch.stack([dw_dp * b2 * b3, dw_dp * (b1 + 1) * b3, dw_dp * ((b1 + 1) * b2 + 1)])
+    torch.testing.assert_close(layer.shift_latents.grad, expected)
 
 
 def test_pot_ste_gradient_is_the_identity():
@@ -89,8 +104,8 @@ def test_pot_ste_gradient_is_the_identity():
 
 
 def test_invalid_arguments_are_refused_by_name():
-    with pytest.raises(ValueError, match="bits"):
-        ShiftLinear(4, 4, "denseshift", bits=0)
+    with pytest.raises(ValueError, match="bits must be an int in \\[1, 5\\] for denseshift"):
+        ShiftLinear(4, 4, "denseshift", bits=6)
     with pytest.raises(ValueError, match="bits must be an int in \\[2, 8\\] for pot"):
         ShiftLinear(4, 4, "pot", bits=1)
     with pytest.raises(ValueError, match="quantizer must be one of"):
@@ -110,7 +125,7 @@ def test_card_model_has_shift_hidden_layers_and_a_full_precision_head():
     assert isinstance(model[-1], nn.Linear) and any(isinstance(h, ShiftDiagnostics) for h in hooks)
     # the DenseShift latents are what an optimiser sees, and they get gradients through the STEs
     model(torch.randn(8, 64)).sum().backward()
-    assert all(m.sign_latent.grad is not None and m.shift_latent.grad is not None for m in shifts)
+    assert all(m.sign_latent.grad is not None and m.shift_latents.grad is not None for m in shifts)
 
 
 # --- OFQ's StatsQ and the level-flip (oscillation) diagnostic ----------------------------------------------------

@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from diffkit.harness.data import highfreq_signal, inr_grid, sample_image
-from diffkit.harness.winner import (siren, siren_init, spectral_centroid, winner_init,
+from diffkit.harness.winner import (Sine, siren, siren_init, spectral_centroid, winner_init,
                                     winner_noise_scales_empirical)
 
 
@@ -25,6 +26,25 @@ def test_siren_init_follows_sitzmann_bounds():
     for layer in linears[1:-1]:
         _uniform_checks(layer.weight, math.sqrt(6 / 256) / 30)
     _uniform_checks(linears[-1].weight, math.sqrt(6 / 256) / 30)
+
+
+def test_siren_audio_setting_has_first_omega0_3000_and_hidden_omega0_30():
+    torch.manual_seed(0)
+    model = siren(1, 1, hidden=256, layers=3, omega0=30.0, first_omega0=3000.0)
+    sines = [m for m in model if isinstance(m, Sine)]
+    assert [s.omega0 for s in sines] == [3000.0, 30.0, 30.0]
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert linears[0].weight.abs().max() <= 1.0  # U(-1/fan_in, 1/fan_in), fan_in = 1
+    bound = math.sqrt(6 / 256) / 30.0  # hidden layers scaled by the hidden omega0, not the first one
+    assert bound * 0.98 < linears[1].weight.abs().max() <= bound
+    x = torch.linspace(-1, 1, 5)[:, None]
+    torch.testing.assert_close(model[1](model[0](x)), torch.sin(3000.0 * model[0](x)))
+    noisy = winner_init(siren(1, 1, hidden=256, layers=3, omega0=30.0, first_omega0=3000.0), 0.0, 3.0,
+                        torch.Generator().manual_seed(1))
+    # the noise on layer 1 has std s1 / 30 (the hidden omega0), far above the uniform part's sqrt(6/256) / 30 / sqrt(3)
+    assert noisy[2].weight.std().item() == pytest.approx(3.0 / 30.0, rel=0.02)
+    with pytest.raises(ValueError, match="first_omega0 must be > 0"):
+        siren(1, 1, first_omega0=0)
 
 
 def test_winner_adds_gaussian_noise_of_std_s_over_omega0_to_the_first_two_layers_only():

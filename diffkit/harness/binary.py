@@ -6,8 +6,15 @@
   Estimator for Binary Neural Networks Training", ICCV 2023): forward sign(w), backward the derivative of the
   power function f_o(w) = sign(w)|w|^(1/o), i.e. (1/o)|w|^((1-o)/o) for 0.1 < |w| <= t, the secant slope
   0.1^(1/o)/0.1 for |w| <= 0.1 (where the power's derivative blows up), 0 beyond t; o is annealed 1 -> o_end.
-- ``biper``: BiPer (Vargas et al., "BiPer: Binary Neural Networks using a Periodic Function", CVPR 2024),
-  stage 2: forward sign(sin(omega w)), backward omega cos(omega w) (the square wave's sine surrogate).
+- ``biper``: BiPer (Vargas et al., "BiPer: Binary Neural Networks using a Periodic Function", CVPR 2024;
+  edmav4/BiPer ``cifar10/modules/binarized_modules.py``, ``main.py``, ``main_stage2.py``, ``run_stg1.sh``,
+  ``run_stg2.sh``), in its two stages: stage 1 trains with the continuous weights sin(omega w), stage 2 continues
+  from stage 1's weights with sign(sin(omega w)) forward and the sine's derivative omega cos(omega w) backward
+  (identity through the sign). Both stages add the official regulariser tau mean(1/2 - cos(2 omega w) / 2) per
+  layer (tau 0.037 in stage 1, 0.0468 in stage 2, the scripts' values); ``BiPerStages`` switches the stage and adds
+  the regulariser's gradient. BiPer also binarises activations its own way (``BiPerActivation``): in training each
+  sample's pre-activation is divided by its standard deviation over the features, and the sign's backward is the
+  official (2 - |2 x|)_+ of that normalised value.
 
 Indicators (ReSTE Sec. 3.2, ``utils/tools.py``): the estimating error sum_layers ||f~(w) - forward(w)||_2,
 f~ the function whose derivative the backward pass uses, and the gradient stability
@@ -82,26 +89,30 @@ def reste_o(epoch: int, epochs: int, o_end: float = 3.0) -> float:
 
 class BinaryLinear(nn.Linear):
     """A linear layer whose weights are binarised by ``estimator`` (``ste``, ``reste``, ``biper``) in the
-    forward pass; the latent real weights are what the optimiser updates.
+    forward pass; the latent real weights are what the optimiser updates. A BiPer layer starts in stage 2 (binary
+    weights) unless ``stage2`` is set False (``BiPerStages`` runs stage 1 first).
 
     No weight scale: every binary layer in the harness feeds a BatchNorm, which absorbs a per-layer (ReSTE's
     mean|W|) or per-channel (BiPer's alpha) scale exactly.
     """
 
     def __init__(self, in_features: int, out_features: int, estimator: str = "ste", bias: bool = False,
-                 o: float = 1.0, t: float = 1.5, omega: float = 20.0):
+                 o: float = 1.0, t: float = 1.5, omega: float = 20.0, stage2: bool = True):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
         if not o >= 1 or not t > RESTE_INTERVAL or not omega > 0:
             raise ValueError(f"need o >= 1, t > {RESTE_INTERVAL}, omega > 0, got o={o!r}, t={t!r}, omega={omega!r}")
         super().__init__(in_features, out_features, bias=bias)
         self.estimator, self.o, self.t, self.omega = estimator, float(o), float(t), float(omega)
+        self.stage2 = stage2  # BiPer only: False = stage 1, continuous sin(omega w)
 
     def binary_weight(self) -> torch.Tensor:
         if self.estimator == "ste":
             return _SignSTE.apply(self.weight)
         if self.estimator == "reste":
             return _SignReSTE.apply(self.weight, self.o, self.t)
+        if not self.stage2:
+            return torch.sin(self.omega * self.weight)
         return _SignBiPer.apply(self.weight, self.omega)
 
     def surrogate(self) -> torch.Tensor:
@@ -116,16 +127,42 @@ class BinaryLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.binary_weight(), self.bias)
 
+    def activation(self) -> nn.Module:
+        """The activation binariser that follows this layer: BiPer's own, the clipped-STE sign otherwise."""
+        return BiPerActivation() if self.estimator == "biper" else SignActivation()
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, estimator={self.estimator}"
 
 
 class SignActivation(nn.Module):
-    """Binary activations, sign(x) with the clipped STE, the same for every weight estimator so that the weight
-    estimator is the only thing a comparison varies."""
+    """Binary activations, sign(x) with the clipped STE (ReSTE's "STE" baseline for activations)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SignSTE.apply(x)
+
+
+class _SignBiPerActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (2 - (2 * x).abs()).clamp_min(0)
+
+
+class BiPerActivation(nn.Module):
+    """BiPer's activation binariser (``BinaryQuantize_a`` and the normalisation in ``BinarizeConv2d.forward``): in
+    training x / sqrt(Var(x) + 1e-5) per sample (unbiased variance over the features), then sign with the backward
+    (2 - |2 x|)_+; in evaluation plain sign (the normalisation does not change a sign)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x = x / torch.sqrt(x.var(dim=tuple(range(1, x.dim())), keepdim=True) + 1e-5)
+        return _SignBiPerActivation.apply(x)
 
 
 def binary_layers(model: nn.Module) -> list[BinaryLinear]:
@@ -169,6 +206,47 @@ class ResteAnnealing:
 
     def on_epoch_end(self, state) -> None:
         self._set(state.unwrapped_model, state.epoch + 1)
+
+
+BIPER_TAU = (0.037, 0.0468)  # run_stg1.sh / run_stg2.sh --tau (tau_min = tau_max = tau: constant per stage)
+
+
+class BiPerStages:
+    """Training hook for BiPer's two stages: stage 1 (continuous sin(omega w)) for the first ``stage1_epochs`` epochs,
+    then stage 2 (sign(sin(omega w))) from the weights stage 1 ends with; in both the gradient of the official
+    regulariser tau mean(1/2 - cos(2 omega w) / 2) = tau mean(sin^2(omega w)) per layer (``tau`` = (stage 1, stage 2)).
+    The stages' learning rates and weight decays are the card's ``lr_schedule`` (``schedules.py``). The official
+    stage 2 resumes from stage 1's best-validation checkpoint; here from its last weights."""
+
+    def __init__(self, epochs: int, stage1_epochs: int, tau: tuple[float, float] = BIPER_TAU):
+        if not (isinstance(stage1_epochs, int) and not isinstance(stage1_epochs, bool) and 0 <= stage1_epochs < epochs):
+            raise ValueError(f"stage1_epochs must be an int in [0, {epochs}) (the budget's epochs), got "
+                             f"{stage1_epochs!r}")
+        if not (isinstance(tau, (list, tuple)) and len(tau) == 2 and all(isinstance(v, (int, float)) and v >= 0
+                                                                          for v in tau)):
+            raise ValueError(f"tau must be two numbers >= 0 (stage 1, stage 2), got {tau!r}")
+        self.stage1_epochs, self.tau, self.layers = stage1_epochs, tuple(float(v) for v in tau), []
+
+    def _set(self, stage2: bool) -> None:
+        for layer in self.layers:
+            layer.stage2 = stage2
+
+    def on_train_start(self, state) -> None:
+        self.layers = [m for m in binary_layers(state.unwrapped_model) if m.estimator == "biper"]
+        if not self.layers:
+            raise ValueError("BiPerStages needs a model with BiPer layers")
+        self._set(self.stage1_epochs == 0)
+
+    @torch.no_grad()
+    def after_backward(self, state) -> None:
+        tau = self.tau[1] if self.layers[0].stage2 else self.tau[0]
+        for layer in self.layers:
+            if layer.weight.grad is not None:  # d/dw mean(sin^2(omega w)) = omega sin(2 omega w) / N
+                layer.weight.grad += tau * layer.omega * torch.sin(2 * layer.omega * layer.weight) / layer.weight.numel()
+
+    def on_epoch_end(self, state) -> None:
+        if state.epoch + 1 == self.stage1_epochs:
+            self._set(True)
 
 
 class BinaryDiagnostics:

@@ -14,16 +14,20 @@ import tomllib
 from pathlib import Path
 
 from .registry import OPTIMIZERS
+from .schedules import schedule_stages
 from .tasks import TASKS, component_spec
 
 
 SECTIONS = ("data", "model", "optimizer", "loss", "algorithm", "budget")
 REQUIRED = ("name", "paper", "task", "methods", "baseline", "seeds", "metric", "metrics", "expected")
-OPTIONAL = SECTIONS
+# paper_effect: {metric: the size of the paper's effect in that metric's units}; the report calls a difference the
+# seeds could not have detected at that size "inconclusive"
+OPTIONAL = SECTIONS + ("paper_effect",)
 # budget keys every card may set (a task adds its own in its Task entry); target_accuracy (tested every eval_steps
-# steps) adds the steps / examples a classifier needs to reach it
+# steps) adds the steps / examples a classifier needs to reach it; lr_schedule is set once per epoch (schedules.py)
 BUDGET_DEFAULTS = {"epochs": 10, "batch_size": 64, "eval_every": 0, "steps": 300, "x0": -1.0, "target_accuracy": None,
-                   "eval_steps": 1, "eval_models": 5}
+                   "eval_steps": 1, "eval_models": 5, "lr_schedule": "constant"}
+SCHEDULED_TASKS = ("classify", "grow", "denoise")  # the tasks that train by epochs with the card's optimizer
 
 
 def load_card(path: str | Path) -> dict:
@@ -84,6 +88,12 @@ def validate_card(card: dict, source: str = "card") -> dict:
     bad = sorted(set(card["metrics"]) - set(allowed_metrics))
     if bad:
         raise ValueError(f"{source}: unknown metric {bad[0]!r}; allowed: {', '.join(allowed_metrics)}")
+    effects = card.get("paper_effect", {})
+    if not (isinstance(effects, dict) and all(k in card["metrics"] and not isinstance(v, bool)
+                                              and isinstance(v, (int, float)) and 0 < v < float("inf")
+                                              for k, v in effects.items())):
+        raise ValueError(f"{source}: paper_effect must map metrics of the card to positive finite numbers (the size "
+                         f"of the paper's effect), got {effects!r}")
     card = copy.deepcopy(card)
     defaults = {**BUDGET_DEFAULTS, **task.budget}
     card["budget"] = {**defaults, **card.get("budget", {})}
@@ -97,6 +107,13 @@ def validate_card(card: dict, source: str = "card") -> dict:
         if bad:
             raise ValueError(f"{source}: methods.{method} overrides unknown section {bad[0]!r}; allowed: {', '.join(SECTIONS)}")
         config, where = method_config(card, method), f"{source}: methods.{method}"
+        if config["budget"]["lr_schedule"] != "constant" and card["task"] not in SCHEDULED_TASKS:
+            raise ValueError(f"{where}.budget.lr_schedule: the {card['task']} task has no epoch-wise learning-rate "
+                             f"schedule (tasks with one: {', '.join(SCHEDULED_TASKS)})")
+        try:
+            schedule_stages(config["budget"]["lr_schedule"], config["budget"]["epochs"])
+        except ValueError as err:
+            raise ValueError(f"{where}.budget.{err}") from None
         if task.optimizer:
             OPTIMIZERS.check(*component_spec(config.get("optimizer"), f"{where}.optimizer"))
         task.check(config, where)

@@ -20,15 +20,22 @@ update uses DC's class-wise loss while both the iteration is below ``warmup_iter
 within the iteration is below ``warmup_updates``, DCC's loss otherwise. (The official code calls DC's outer loop its
 inner loop; here the names follow DC.) The official DCC code starts from random real images, for DC as for DCC.
 
-Left out: DSA augmentation. Evaluation trains fresh networks on the set without augmentation (DC's setting for all
-data sets but MNIST), 300 epochs of SGD (lr 0.01, momentum 0.9, weight decay 5e-4, lr / 10 at half), as
-``evaluate_synset``.
+Left out: DSA augmentation. Evaluation trains fresh networks on the set as DC's ``evaluate_synset``, 300 epochs of
+SGD (lr 0.01, momentum 0.9, weight decay 5e-4, lr / 10 at half), optionally with DC's augmentation of the synthetic
+images (``dc_augment``; DC's ``get_daparam`` turns it on, ``crop_scale_rotate``, for MNIST).
+
+``shared_texture`` is the distractor DCC's premise is about: content common to all classes (a background texture
+beside every digit, drawn from a small bank independently of the label), which DC's class-wise gradients must
+reproduce and DCC's summed gradient cancels.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .data import HarnessData
 
 # DC's (outer_loop, inner_loop) per images-per-class (utils.get_loops): the number of synthetic-set updates per
 # network, and the epochs the network trains on the synthetic set between them
@@ -210,18 +217,62 @@ class Condensation:
                         progress=progress, log_every=log_every, **self.options)
 
 
+def dc_augment_params(image_shape: tuple[int, int, int]) -> dict:
+    """DC's MNIST augmentation (``get_daparam``: crop 4, scale 0.2, rotate 45, strategy ``crop_scale_rotate``), the
+    crop scaled from 28 px to the image height (1 px for 8 x 8 digits)."""
+    return {"crop": max(1, round(4 * image_shape[1] / 28)), "scale": 0.2, "rotate": 45,
+            "strategy": ("crop", "scale", "rotate")}
+
+
+def dc_augment(images: torch.Tensor, params: dict, generator: np.random.Generator) -> torch.Tensor:
+    """DC's ``augment``: each image gets ONE of the strategies, drawn uniformly: ``crop`` (pad by ``crop`` with the
+    batch's mean, cut at a random offset in [0, 2 crop)), ``scale`` (nearest-neighbour resize of height and width by
+    independent factors in [1 - scale, 1 + scale], centred and cut or zero-padded back) or ``rotate`` (scipy's cubic
+    rotation by an integer angle in [-rotate, rotate), mean-filled, centre crop). Returns a new tensor."""
+    from scipy.ndimage import rotate as scipy_rotate
+
+    out = images.detach().clone()
+    n, c, h, w = out.shape
+    mean = out.mean(dim=(0, 2, 3))
+    crop, scale, angle = params["crop"], params["scale"], params["rotate"]
+    for i in range(n):
+        choice = params["strategy"][generator.integers(len(params["strategy"]))]
+        if choice == "crop":
+            padded = mean.view(c, 1, 1).expand(c, h + 2 * crop, w + 2 * crop).clone()
+            padded[:, crop:crop + h, crop:crop + w] = out[i]
+            r, q = generator.integers(2 * crop), generator.integers(2 * crop)
+            out[i] = padded[:, r:r + h, q:q + w]
+        elif choice == "scale":
+            sh, sw = int(generator.uniform(1 - scale, 1 + scale) * h), int(generator.uniform(1 - scale, 1 + scale) * w)
+            resized = F.interpolate(out[i:i + 1], [sh, sw])[0]
+            big_h, big_w = max(sh, h), max(sw, w)
+            canvas = torch.zeros(c, big_h, big_w, dtype=out.dtype, device=out.device)
+            canvas[:, (big_h - sh) // 2:(big_h - sh) // 2 + sh, (big_w - sw) // 2:(big_w - sw) // 2 + sw] = resized
+            r, q = (big_h - h) // 2, (big_w - w) // 2
+            out[i] = canvas[:, r:r + h, q:q + w]
+        else:
+            turned = scipy_rotate(out[i].cpu().numpy(), angle=int(generator.integers(-angle, angle)), axes=(-2, -1),
+                                  cval=float(mean.mean()))
+            r, q = (turned.shape[-2] - h) // 2, (turned.shape[-1] - w) // 2
+            out[i] = torch.from_numpy(turned[:, r:r + h, q:q + w]).to(out)
+    return out
+
+
 def evaluate_synset(x_syn: torch.Tensor, y_syn: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, make_net,
                     *, epochs: int = 300, lr: float = 0.01, batch_train: int = 256,
-                    generator: torch.Generator | None = None) -> float:
+                    generator: torch.Generator | None = None, augment: dict | None = None) -> float:
     """Test accuracy of a fresh ``make_net()`` trained on the synthetic set as DC's ``evaluate_synset``: SGD with
-    momentum 0.9 and weight decay 5e-4 for ``epochs`` (+1) epochs, the learning rate divided by 10 after half."""
+    momentum 0.9 and weight decay 5e-4 for ``epochs`` (+1) epochs, the learning rate divided by 10 after half; with
+    ``augment`` (``dc_augment_params``) every training batch is augmented by ``dc_augment``."""
     generator = generator or torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))) if augment else None
     net = make_net().to(x_syn.device).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     for epoch in range(epochs + 1):
         for batch in torch.randperm(len(x_syn), generator=generator).split(batch_train):
+            images = x_syn[batch] if augment is None else dc_augment(x_syn[batch], augment, rng)
             optimizer.zero_grad()
-            F.cross_entropy(net(x_syn[batch]), y_syn[batch]).backward()
+            F.cross_entropy(net(images), y_syn[batch]).backward()
             optimizer.step()
         if epoch == epochs // 2 + 1:  # DC rebuilds the optimizer with lr / 10 (fresh momentum)
             optimizer = torch.optim.SGD(net.parameters(), lr=lr / 10, momentum=0.9, weight_decay=5e-4)
@@ -229,3 +280,38 @@ def evaluate_synset(x_syn: torch.Tensor, y_syn: torch.Tensor, x_test: torch.Tens
     with torch.no_grad():
         correct = sum((net(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x_test.split(1024), y_test.split(1024)))
     return correct / len(y_test)
+
+
+def texture_bank(height: int, width: int, count: int, seed: int = 71_000) -> torch.Tensor:
+    """``count`` smooth random textures (height x width) in [0, 1]: white noise low-passed by a 3 x 3 box filter twice
+    (tiled, so the texture wraps around) and stretched to the full range."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(count, 1, height, width, generator=g)
+    for _ in range(2):
+        t = F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="circular"), 3, stride=1)
+    lo, hi = t.amin(dim=(1, 2, 3), keepdim=True), t.amax(dim=(1, 2, 3), keepdim=True)
+    return ((t - lo) / (hi - lo))[:, 0]
+
+
+def shared_texture(data: HarnessData, seed: int, count: int = 1, textures: int = 4) -> HarnessData:
+    """Content common to all classes, DCC's premise (Lee et al., ICML 2022, Sec. 3): beside each image ``count``
+    blocks of the image's size, each one of ``textures`` fixed background textures (``texture_bank``) chosen at
+    random per image and block, independently of the label; the same bank for training and test images. Needs an
+    image data set; the images become (C, H, W (count + 1))."""
+    if data.image_shape is None:
+        raise ValueError("shared_texture needs an image data set (digits or mnist5k)")
+    for name, value in (("count", count), ("textures", textures)):
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    c, h, w = data.image_shape
+    bank = texture_bank(h, w, textures).to(data.x_train.dtype)
+    gen = torch.Generator().manual_seed(72_000 + seed)
+
+    def build(x):
+        images = x.view(-1, c, h, w)
+        blocks = [images] + [bank[torch.randint(textures, (len(images),), generator=gen)][:, None].expand(-1, c, h, w)
+                             for _ in range(count)]
+        return torch.cat(blocks, dim=3).flatten(1)
+
+    return HarnessData(build(data.x_train), data.y_train, build(data.x_test), data.y_test, data.num_classes,
+                       dict(data.train_extra), dict(data.test_extra), (c, h, w * (count + 1)))

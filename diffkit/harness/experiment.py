@@ -38,6 +38,7 @@ def run_method(card: dict, method: str, seed: int, accelerator: Accelerator | No
         "metrics": {k: metrics[k] for k in card["metrics"] if k in metrics},
         "wall_s": round(time.perf_counter() - start, 3),
         "baseline": card["baseline"], "metric": card["metric"], "paper": card["paper"], "expected": card["expected"],
+        "paper_effect": card.get("paper_effect", {}),
         "num_processes": accelerator.num_processes, "threads": torch.get_num_threads(), "versions": versions(),
     }
     if curves:  # per-step curves (batch size, accuracy) ride along in the record; the report summarises them

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .algorithms import ERM
+
 
 class GhostBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training-mode statistics are computed per chunk of ``ghost_size`` rows (Hoffer et al.
@@ -35,3 +37,16 @@ class GhostBatchNorm1d(nn.BatchNorm1d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_size={self.ghost_size}"
+
+
+class GradientClipping(ERM):
+    """ERM with the gradient's total norm clipped to ``max_norm`` after every backward pass
+    (``torch.nn.utils.clip_grad_norm_``), as the official bigBatch ``main_gbn.py`` does with 5; a hook as well."""
+
+    def __init__(self, max_norm: float = 5.0):
+        if isinstance(max_norm, bool) or not (isinstance(max_norm, (int, float)) and max_norm > 0):
+            raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+
+    def after_backward(self, state) -> None:
+        torch.nn.utils.clip_grad_norm_(state.unwrapped_model.parameters(), self.max_norm)

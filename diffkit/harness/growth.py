@@ -1,44 +1,45 @@
 """MixtureGrowth (Pham et al., "MixtureGrowth: Growing Neural Networks by Recombining Learned Parameters",
-WACV 2024, arXiv 2311.04251; chaudatascience/mixturegrowth ``models/layers.py``) on the harness MLP.
+WACV 2024, arXiv 2311.04251; chaudatascience/mixturegrowth ``models/layers.py`` ``SModule``, ``main.py``) on the
+harness MLP.
 
-Two small members are trained whose hidden-to-hidden layers are linear combinations of templates shared across those
-layers, W_l = sum_k alpha_{l,k} T_k. Growing doubles the width: each grown hidden layer is the 2 x 2 block matrix
+Every layer of a member is a template layer, W = sum_k c_k T_k, with its own set of K templates (the official
+default: 2 templates per set, no sharing across layers). Two members A and B are trained; growing doubles the width,
+and each grown layer is assembled from blocks, each a linear combination of ONE template set (the official
+``member_template_sets = [0, 1, 0, 1]``: blocks 0 and 2 use A's templates, 1 and 3 B's), in the official "diag"
+layout
 
-    [[W_l^A, N_l^AB],
-     [N_l^BA, W_l^B]]
+    hidden:  [[c_0 T^A, c_2 T^A],          stem:  [[c_0 T^A],        head:  [[c_0 T^A, c_1 T^B]]
+              [c_3 T^B, c_1 T^B]]                  [c_1 T^B]]
 
-whose diagonal blocks are the members' weights and whose new off-diagonal blocks are, for MixtureGrowth, fresh linear
-combinations of the members' trained templates (both banks, 2K templates), for random growth random matrices. The
-first layer stacks the members' rows (the input is shared), the head averages their logits, so with zero
-off-diagonal blocks the grown network computes the mean of the two members' logits.
+so the first layer stacks the members' rows and the head adds their logits; with zero new blocks the grown network
+computes the sum of the two members' logits. The new coefficients follow ``coefs_growing``: ``orthogonal`` (the
+official default) takes c_i as the last right-singular vector of the coefficients before it (c_2 from [c_0; c_1],
+c_3 from [c_0; c_1; c_2]; unit norm, ``coefs_noise_growing`` = 1), ``random`` draws them uniformly from [0, 1) (the
+official ``random`` option), ``zero`` sets them to 0. After growth the templates are kept: the grown network trains
+its template sets, all four coefficient vectors and the biases.
 
-Simplification (why): after growth the grown network here is a plain MLP with free weights, the same architecture
-as the from-scratch baseline, so the comparison isolates how the grown weights are initialised; the paper keeps
-training template-parameterised layers. New blocks are rescaled to the mean Frobenius norm of the two diagonal
-blocks so template and random growth differ in direction only, not in scale.
+Deviation (why): the official templates are initialised by ``kaiming_normal_`` on the (K, out, in) tensor, a scale the
+ResNet's BatchNorms absorb; the harness MLP has no BatchNorm, so each template starts at nn.Linear's default range and
+a member's coefficients at a random unit vector, which gives its weights nn.Linear's scale.
 """
 
 import torch
 from torch import nn
 
 
-GROWTH_INITS = ("templates", "random", "zero")
+GROWTH_INITS = ("orthogonal", "random", "zero")
 
 
 class TemplateLinear(nn.Module):
-    """A linear layer whose weight is sum_k alpha_k T_k over a template bank (K, out, in) shared with other layers."""
+    """A linear layer whose weight is sum_k c_k T_k over its own ``templates`` templates (K, out, in)."""
 
-    def __init__(self, bank: nn.Parameter, generator: torch.Generator | None = None):
+    def __init__(self, in_features: int, out_features: int, templates: int = 2):
         super().__init__()
-        if not (isinstance(bank, nn.Parameter) and bank.dim() == 3):
-            raise TypeError(f"bank must be an nn.Parameter of shape (templates, out, in), got {type(bank).__name__}")
-        self.bank = bank  # shared: every layer of the group registers the same Parameter
-        k, out_features, in_features = bank.shape
-        # a random unit coefficient vector: the combination of independent templates keeps a template's variance
-        alpha = torch.randn(k, generator=generator)
-        self.coefficients = nn.Parameter(alpha / alpha.norm())
-        bound = in_features ** -0.5
-        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound, generator=generator))
+        bound = in_features ** -0.5  # nn.Linear's default init range, per template
+        self.bank = nn.Parameter(torch.empty(templates, out_features, in_features).uniform_(-bound, bound))
+        c = torch.randn(templates)
+        self.coefficients = nn.Parameter(c / c.norm())  # a unit vector keeps a template's variance
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
 
     def weight(self) -> torch.Tensor:
         return torch.einsum("k,koi->oi", self.coefficients, self.bank)
@@ -48,8 +49,8 @@ class TemplateLinear(nn.Module):
 
 
 class TemplateMLP(nn.Module):
-    """MixtureGrowth member: Linear(in, hidden) -> ReLU -> (depth - 1) x [TemplateLinear(hidden, hidden) -> ReLU] ->
-    Linear(hidden, classes); the hidden-to-hidden layers share one bank of ``templates`` templates."""
+    """MixtureGrowth member: TemplateLinear(in, hidden) -> ReLU -> (depth - 1) x [TemplateLinear(hidden, hidden) ->
+    ReLU] -> TemplateLinear(hidden, classes), each layer with its own ``templates`` templates."""
 
     def __init__(self, num_features: int, num_classes: int, hidden: int = 128, depth: int = 3, templates: int = 2):
         for name, value, low in (("num_features", num_features, 1), ("num_classes", num_classes, 1),
@@ -57,11 +58,9 @@ class TemplateMLP(nn.Module):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         super().__init__()
-        self.stem = nn.Linear(num_features, hidden)
-        bound = hidden ** -0.5  # nn.Linear's default init range for each template
-        self.bank = nn.Parameter(torch.empty(templates, hidden, hidden).uniform_(-bound, bound))
-        self.blocks = nn.ModuleList(TemplateLinear(self.bank) for _ in range(depth - 1))
-        self.head = nn.Linear(hidden, num_classes)
+        self.stem = TemplateLinear(num_features, hidden, templates)
+        self.blocks = nn.ModuleList(TemplateLinear(hidden, hidden, templates) for _ in range(depth - 1))
+        self.head = TemplateLinear(hidden, num_classes, templates)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The post-ReLU activations of every hidden layer."""
@@ -76,61 +75,91 @@ class TemplateMLP(nn.Module):
         return self.head(self.features(x)[-1])
 
 
-def _new_block(init: str, templates: torch.Tensor, norm: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if init == "zero":
-        return torch.zeros(templates.shape[1:])
-    if init == "templates":
-        beta = torch.randn(len(templates), generator=generator)
-        block = torch.einsum("k,koi->oi", beta, templates)
-    else:
-        block = torch.randn(templates.shape[1:], generator=generator)
-    return block * (norm / block.norm().clamp_min(torch.finfo(block.dtype).tiny))
+class GrownLinear(nn.Module):
+    """A grown layer: two template sets (A's and B's, trainable) and a grid of blocks, each block (set, coefficients)
+    computing sum_k c_k T^set_k; ``layout`` is a list of rows of block names (the official diag layout)."""
+
+    def __init__(self, bank_a: torch.Tensor, bank_b: torch.Tensor, coefficients: dict[str, tuple[str, torch.Tensor]],
+                 layout: list[list[str]], bias: torch.Tensor):
+        super().__init__()
+        self.banks = nn.ParameterDict({"A": nn.Parameter(bank_a.detach().clone()),
+                                       "B": nn.Parameter(bank_b.detach().clone())})
+        self.sets = {name: template_set for name, (template_set, _) in coefficients.items()}
+        self.coefficients = nn.ParameterDict({name: nn.Parameter(c.detach().clone())
+                                              for name, (_, c) in coefficients.items()})
+        self.layout = layout
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def block(self, name: str) -> torch.Tensor:
+        return torch.einsum("k,koi->oi", self.coefficients[name], self.banks[self.sets[name]])
+
+    def weight(self) -> torch.Tensor:
+        return torch.cat([torch.cat([self.block(name) for name in row], 1) for row in self.layout], 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight(), self.bias)
+
+
+class GrownTemplateMLP(nn.Module):
+    """The grown network: GrownLinear layers with ReLU between them (see ``grow``)."""
+
+    def __init__(self, layers: list[GrownLinear]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def _new_coefficients(init: str, previous: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    if init == "orthogonal":  # main.py / layers.py growth_update: torch.linalg.svd(prev).Vh[-1] * coefs_noise_growing
+        return torch.linalg.svd(torch.stack(previous)).Vh[-1]
+    if init == "random":
+        return torch.rand(previous[0].shape, generator=generator)
+    return torch.zeros_like(previous[0])
 
 
 @torch.no_grad()
-def grow(a: TemplateMLP, b: TemplateMLP, init: str = "templates", generator: torch.Generator | None = None
-         ) -> nn.Sequential:
-    """The MLP of twice the members' width grown from members ``a`` and ``b`` (module docstring); ``init`` fills the
-    new off-diagonal blocks: ``templates`` (MixtureGrowth), ``random`` or ``zero``."""
+def grow(a: TemplateMLP, b: TemplateMLP, init: str = "orthogonal", generator: torch.Generator | None = None
+         ) -> GrownTemplateMLP:
+    """The network of twice the members' width grown from members ``a`` and ``b`` (module docstring); ``init`` sets
+    the new blocks' coefficients: ``orthogonal`` (MixtureGrowth's default), ``random`` or ``zero``."""
     if not (isinstance(a, TemplateMLP) and isinstance(b, TemplateMLP)):
         raise TypeError(f"a and b must be TemplateMLP members, got {type(a).__name__} and {type(b).__name__}")
     if init not in GROWTH_INITS:
         raise ValueError(f"init must be one of {list(GROWTH_INITS)}, got {init!r}")
-    if [p.shape for p in a.parameters()] != [p.shape for p in b.parameters()] or len(a.blocks) != len(b.blocks):
+    if [p.shape for p in a.parameters()] != [p.shape for p in b.parameters()]:
         raise ValueError("a and b must have the same architecture (width, depth, number of templates)")
+    if not all(torch.isfinite(p).all() for p in (*a.parameters(), *b.parameters())):
+        raise ValueError("the members' parameters are not all finite (their training diverged); nothing to grow")
     generator = generator or torch.Generator().manual_seed(0)
-    templates = torch.cat([a.bank, b.bank]).detach()  # the trained templates of both members
-    layers = []
-    stem = nn.Linear(a.stem.in_features, 2 * a.stem.out_features)
-    stem.weight.copy_(torch.cat([a.stem.weight, b.stem.weight]))
-    stem.bias.copy_(torch.cat([a.stem.bias, b.stem.bias]))
-    layers += [stem, nn.ReLU()]
+    layers = [GrownLinear(a.stem.bank, b.stem.bank, {"0": ("A", a.stem.coefficients), "1": ("B", b.stem.coefficients)},
+                          [["0"], ["1"]], torch.cat([a.stem.bias, b.stem.bias]))]
     for block_a, block_b in zip(a.blocks, b.blocks):
-        wa, wb = block_a.weight(), block_b.weight()
-        norm = (wa.norm() + wb.norm()) / 2
-        grown = nn.Linear(2 * wa.shape[1], 2 * wa.shape[0])
-        grown.weight.copy_(torch.cat([torch.cat([wa, _new_block(init, templates, norm, generator)], 1),
-                                      torch.cat([_new_block(init, templates, norm, generator), wb], 1)]))
-        grown.bias.copy_(torch.cat([block_a.bias, block_b.bias]))
-        layers += [grown, nn.ReLU()]
-    # averaging the heads makes the grown net, with zero new blocks, the members' logit ensemble
-    head = nn.Linear(2 * a.head.in_features, a.head.out_features)
-    head.weight.copy_(torch.cat([a.head.weight, b.head.weight], 1) / 2)
-    head.bias.copy_((a.head.bias + b.head.bias) / 2)
-    layers.append(head)
-    return nn.Sequential(*layers)
+        c0, c1 = block_a.coefficients.detach(), block_b.coefficients.detach()
+        c2 = _new_coefficients(init, [c0, c1], generator)
+        c3 = _new_coefficients(init, [c0, c1, c2], generator)
+        layers.append(GrownLinear(block_a.bank, block_b.bank,
+                                  {"0": ("A", c0), "1": ("B", c1), "2": ("A", c2), "3": ("B", c3)},
+                                  [["0", "2"], ["3", "1"]], torch.cat([block_a.bias, block_b.bias])))
+    layers.append(GrownLinear(a.head.bank, b.head.bank, {"0": ("A", a.head.coefficients), "1": ("B", b.head.coefficients)},
+                              [["0", "1"]], a.head.bias + b.head.bias))
+    return GrownTemplateMLP(layers)
 
 
 class Growth:
     """The algorithm of a ``grow`` card: members train ``member_epochs`` epochs, are grown with ``init``, and the
-    grown network trains the rest of the card's epochs (every step plain ERM, run by ``experiment._grow``)."""
+    grown network (templates kept) trains the rest of the card's epochs (every step plain ERM, run by
+    ``experiment._grow``)."""
 
-    def __init__(self, init: str = "templates", member_epochs: int = 30):
+    def __init__(self, init: str = "orthogonal", member_epochs: int = 30):
         if init not in GROWTH_INITS:
             raise ValueError(f"init must be one of {list(GROWTH_INITS)}, got {init!r}")
         if not (isinstance(member_epochs, int) and not isinstance(member_epochs, bool) and member_epochs > 0):
             raise ValueError(f"member_epochs must be a positive int, got {member_epochs!r}")
         self.init, self.member_epochs = init, member_epochs
 
-    def grow(self, a: TemplateMLP, b: TemplateMLP, generator: torch.Generator | None = None) -> nn.Sequential:
+    def grow(self, a: TemplateMLP, b: TemplateMLP, generator: torch.Generator | None = None) -> GrownTemplateMLP:
         return grow(a, b, self.init, generator)

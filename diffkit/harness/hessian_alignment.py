@@ -125,3 +125,21 @@ class HessianAlignment:
         state.logs["alignment_penalty"] = penalty.item()
         loss = torch.stack(env_losses).mean() + weight * penalty
         return loss / weight, logits
+
+
+def downsample(data, seed: int, factor: int = 2):
+    """Every ``factor``-th pixel of an image data set in both directions, as the ColoredMNIST scripts shrink MNIST to
+    14 x 14 (``images.reshape((-1, 28, 28))[:, ::2, ::2]``); labels and extras unchanged."""
+    from .data import HarnessData
+
+    if data.image_shape is None:
+        raise ValueError("downsample needs an image data set (digits or mnist5k)")
+    if isinstance(factor, bool) or not (isinstance(factor, int) and factor >= 1):
+        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+    c, h, w = data.image_shape
+
+    def shrink(x):
+        return x.view(-1, c, h, w)[..., ::factor, ::factor].flatten(1)
+
+    return HarnessData(shrink(data.x_train), data.y_train, shrink(data.x_test), data.y_test, data.num_classes,
+                       dict(data.train_extra), dict(data.test_extra), (c, -(-h // factor), -(-w // factor)))

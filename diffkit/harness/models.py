@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .binary import BinaryLinear, SignActivation
+from .binary import BinaryLinear
 
 
 def mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (256, 256),
@@ -24,7 +24,8 @@ def mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (256, 256),
     layers, width = [], num_features
     for h in hidden:
         if binary is not None:
-            layers += [binary(width, h), (norm or nn.BatchNorm1d)(h), SignActivation()]
+            layer = binary(width, h)  # each estimator's own activation binariser (BiPer's differs)
+            layers += [layer, (norm or nn.BatchNorm1d)(h), layer.activation()]
         else:
             layers += [(linear or nn.Linear)(width, h)] + ([norm(h)] if norm is not None else []) + [nn.ReLU()]
         width = h

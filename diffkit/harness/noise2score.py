@@ -141,9 +141,10 @@ def image_psnr(estimate: torch.Tensor, reference: torch.Tensor, peak: float = 1.
 class ScoreUNet(nn.Module):
     """A two-level U-Net in the style of the Noise2Noise U-Net the reference uses (3x3 convolutions, leaky ReLU 0.1,
     max-pool down, transposed-convolution up, skip concatenations, He initialisation), shrunk for 16x16 images on a
-    CPU. Linear output: a score or a residual, unbounded."""
+    CPU. Linear output: a score or a residual, unbounded. ``zero_output`` starts the output convolution at zero, so a
+    residual denoiser y + f(y) starts as the identity (the usual start of a residual network's last layer)."""
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 32):
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 32, zero_output: bool = False):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("width", width)):
             if not (isinstance(value, int) and value > 0):
@@ -157,10 +158,14 @@ class ScoreUNet(nn.Module):
         self.bottom = nn.Sequential(nn.MaxPool2d(2), block(width, 2 * width),
                                     nn.ConvTranspose2d(2 * width, width, 2, stride=2))
         self.decode = nn.Sequential(block(2 * width + in_channels, width), nn.Conv2d(width, out_channels, 3, padding=1))
+        if not isinstance(zero_output, bool):
+            raise TypeError(f"zero_output must be a bool, got {type(zero_output).__name__}")
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_output:
+            nn.init.zeros_(self.decode[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:

@@ -16,9 +16,12 @@ CGA, as the reference ``cga.py`` does it (``freeze_outside_boundary_weight_idx``
 - which weights: the StatsQ linears (qkv or v, proj, fc1, fc2 of the blocks); under QKR the W_q and W_k parameters
   are *not* frozen (the reference's ``QAttention_qkreparam_4_cga`` quantiser detaches b for confident entries of the
   fused matrix, but its output is detached anyway, so that has no effect on any gradient; it is not reproduced).
-- schedule: ``cga.py`` is a separate fine-tuning run, resumed from the trained checkpoint, of
-  ``freeze_for_n_epochs`` epochs; here the annealing is the last ``freeze_epochs`` epochs of the card's budget, so
-  every method takes the same number of steps.
+- schedule: ``cga.py`` is a fine-tuning run resumed from the trained checkpoint with its scheduler stepped to the end
+  of the cosine decay (``start_epoch = args.epochs``, ``lr_scheduler.step(start_epoch)``), so it runs
+  ``freeze_for_n_epochs`` epochs at the minimum learning rate (the recipe's ``min_lr`` 1e-5 after ``lr`` 5e-4). Here
+  the annealing is the last ``freeze_epochs`` epochs of the card's budget; a card reproduces the cool-down with its
+  ``lr_schedule`` (a cosine stage down to the minimum, then a constant stage at it covering the annealing epochs,
+  ``schedules.py``), and its control arm runs the same schedule without CGA, so every arm takes the same steps.
 
 QKR (``src/quantization/modules/attention.py``, ``QAttention_qkreparam``): W_q and W_k stay bias-free
 full-precision parameters; every forward fuses them per head, W_qk^h = W_q^h^T W_k^h (dim x dim), quantises the

@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as harness_data
-from .adadagrad import AdaGradNorm, AdaptiveBatchSize
+from .adadagrad import AdaGradNorm, AdaGradNormRowwise, AdaptiveBatchSize
 from .algorithms import ERM, AdversarialL2
-from .binary import ResteAnnealing
-from .compander import apply_weight_compander
+from .binary import BIPER_TAU, BiPerStages, ResteAnnealing
 from .coherence import RobustMeanGD
-from .condensation import Condensation, ConvNet
+from .compander import CompanderStep, WeightCompander, apply_weight_compander
+from .condensation import Condensation, ConvNet, shared_texture
 from .diffgrad import DiffGrad
 from .elr import ELRLoss
 from .gbnn import GBNN, MLPTrainer, one_hidden_mlp
-from .ghost_bn import GhostBatchNorm1d
+from .ghost_bn import GhostBatchNorm1d, GradientClipping
 from .growth import Growth, TemplateMLP
-from .hessian_alignment import HessianAlignment
+from .hessian_alignment import HessianAlignment, downsample
 from .models import PatchCNN, TwoLayerReLU, binary_factory, mlp
 from .noise2score import GammaNoise, GaussianNoise, Noise2Score, ScoreUNet, SupervisedDenoiser, mse
 from .noise_mask import NoiseMaskPretraining, SmallCNN
@@ -32,6 +32,7 @@ from .ofq import ConfidenceGuidedAnnealing, TinyViT
 from .scoredvi import DeepImagePrior, DenoiserBank, PoissonGaussianBlurNoise, ScoreDVI
 from .shift import shift_factory
 from .statsq import statsq_factory
+from .validation import validation_split
 from .virgo import GCN, digits_knn_graph, standard_init, virgo_init
 from .winner import siren, siren_init, spectral_centroid, winner_init, winner_noise_scales_empirical
 
@@ -112,8 +113,11 @@ OPTIMIZERS = Registry("optimizer", {
         params, lr=lr, initial_accumulator_value=initial_accumulator_value, eps=eps),
         {"lr": 0.01, "initial_accumulator_value": 0.0, "eps": 1e-10}, "Duchi, Hazan & Singer, JMLR 2011"),
     "adagrad_norm": Entry(AdaGradNorm, {"lr": 1.0, "b0": 0.1},
-                          "Ward, Wu & Bottou, JMLR 2020 (AdaGrad-Norm); the step of AdAdaGradNorm, Lau, Liu & Kolar, "
-                          "arXiv 2402.11215"),
+                          "Ward, Wu & Bottou, JMLR 2020 (AdaGrad-Norm, one scalar step size); the step of "
+                          "AdAdaGradNorm, Lau, Liu & Kolar, arXiv 2402.11215"),
+    "adagrad_norm_rowwise": Entry(AdaGradNormRowwise, {"lr": 1.0, "initial_accumulator_value": 1e-2},
+                                  "row-wise AdaGrad-Norm (one step size per output row), timlautk/AdAdaGrad "
+                                  "adagradnorm.py, the reference's --optimizer adagradnorm"),
 })
 
 # losses are built with the context (num_samples, num_classes, gather)
@@ -136,8 +140,13 @@ def _norm(cls):
 
 
 def _binary(estimator):
-    def make(epochs, o_end=None, **params):
-        hooks = [ResteAnnealing(epochs, o_end)] if estimator == "reste" else []
+    def make(epochs, o_end=None, stage1_epochs=None, tau=None, **params):
+        hooks = []
+        if estimator == "reste":
+            hooks.append(ResteAnnealing(epochs, o_end))
+        if estimator == "biper":  # stage 1 for two thirds of the budget by default: the scripts' 600 + 300 epochs
+            stage1 = round(2 * epochs / 3) if stage1_epochs is None else stage1_epochs
+            hooks.append(BiPerStages(epochs, stage1, tuple(tau)))
         return binary_factory(estimator, **params), hooks
 
     return make
@@ -150,9 +159,10 @@ def _shift(quantizer):
     return make
 
 
-def _compander(epochs, **params):
-    apply_weight_compander(nn.Linear(1, 1), **params)  # validate now, not after the model is built
-    return (lambda model: apply_weight_compander(model, **params)), []
+def _compander(epochs, a, b, learnable, step):
+    WeightCompander(a, b, learnable)  # validate now, not after the model is built
+    hook = CompanderStep(step)
+    return (lambda model: apply_weight_compander(model, a, b, learnable)), [hook]
 
 
 # layers are built with the context (epochs,) and return (layer factory, training hooks); a "reparam" entry returns
@@ -165,19 +175,24 @@ LAYERS = Registry("layer", {
     "ste": Entry(_binary("ste"), {}, "clipped STE: Courbariaux et al. 2016, arXiv 1602.02830"),
     "reste": Entry(_binary("reste"), {"t": 1.5, "o_end": 3.0},
                    "Wu et al., ICCV 2023; DravenALG/ReSTE model/binary_module/binarized_modules.py"),
-    "biper": Entry(_binary("biper"), {"omega": 20.0}, "Vargas et al., CVPR 2024, arXiv 2404.01278; edmav4/BiPer"),
+    "biper": Entry(_binary("biper"), {"omega": 20.0, "stage1_epochs": None, "tau": list(BIPER_TAU)},
+                   "Vargas et al., CVPR 2024, arXiv 2404.01278; edmav4/BiPer cifar10/modules/binarized_modules.py, "
+                   "run_stg1.sh / run_stg2.sh (stage 1 sin(omega w), then sign(sin(omega w)); stage1_epochs None = two "
+                   "thirds of the budget, tau per stage)"),
     "denseshift": Entry(_shift("denseshift"), {"bits": 3},
-                        "Li et al., DenseShift, ICCV 2023, arXiv 2208.09708 (zero-free w = s 2^-p, sign-scale "
-                        "decomposition); official code not located, built from the paper's description"),
+                        "Li et al., DenseShift, ICCV 2023, arXiv 2208.09708 (zero-free w = s 2^p); gradient path of "
+                        "noah-research/S3-Training dsconv2d.py DenseShiftConv2d3bit (thermometer code of binary shift "
+                        "latents, identity sign STE, sqrt(p + 1) backward surrogate)"),
     "pot": Entry(_shift("pot"), {"bits": 3},
                  "plain power-of-two quantizer with a zero level (DeepShift-Q, Elhoushi et al., arXiv 1905.13298), "
                  "the baseline DenseShift's zero-free grid replaces"),
     "statsq": Entry(lambda epochs, bits: (statsq_factory(bits), []), {"bits": 2},
                     "Liu et al., Oscillation-free Quantization for Low-bit Vision Transformers (OFQ), ICML 2023; "
                     "nbasyl/OFQ src/quantization/quantizer/statsq.py (without CGA)"),
-    "weight_compander": Entry(_compander, {"alpha": 1.0, "beta": 0.5},
-                              "Cakaj, Mehnert & Yang, IJCNN 2023, arXiv 2306.16993 -- STAND-IN wc(v) = alpha tanh(v / "
-                              "beta) built from the abstract; the paper's Eq. 1 was not retrievable"),
+    "weight_compander": Entry(_compander, {"a": 1.0, "b": 0.6, "learnable": False, "step": "chain"},
+                              "Cakaj, Mehnert & Yang, IJCNN 2023, arXiv 2306.16993, Eq. 1 w = a arctan(v / b) (paper "
+                              "PDF, rinorcakaj.github.io files/WC_IJCNN_2023.pdf); weight decay on Psi(v); step "
+                              "'powerprop' for Adam, 'chain' for SGD; learnable = the per-layer variant"),
 })
 
 MODELS = Registry("model", {
@@ -194,8 +209,11 @@ MODELS = Registry("model", {
                           "W_l = sum_k alpha_lk T_k over shared templates (chaudatascience/mixturegrowth "
                           "models/layers.py); a grow card's from-scratch method trains the plain MLP of twice the "
                           "width"),
-    "siren": Entry(siren, {"hidden": 128, "layers": 3, "omega0": 30.0},
-                   "Sitzmann et al., NeurIPS 2020, arXiv 2006.09661 (sine layers, omega0 = 30)"),
+    "siren": Entry(siren, {"hidden": 128, "layers": 3, "omega0": 30.0, "first_omega0": None},
+                   "Sitzmann et al., NeurIPS 2020, arXiv 2006.09661 (sine layers, omega0 = 30; first_omega0 = 3000 "
+                   "for audio, hemanthgrylls/SIREN-square learn_audios.py)"),
+    "logistic": Entry(lambda num_features, num_classes: nn.Sequential(nn.Linear(num_features, num_classes)), {},
+                      "multinomial logistic regression (one linear layer), the model of timlautk/AdAdaGrad expt.sh"),
     "small_cnn": Entry(lambda image_shape, num_classes, widths: SmallCNN(image_shape, num_classes, tuple(widths)),
                        {"widths": [16, 32, 64]},
                        "conv3x3-BN-ReLU blocks with max-pooling, global average pooling, linear head (a small stand-in "
@@ -213,7 +231,7 @@ MODELS = Registry("model", {
     "patch_cnn": Entry(PatchCNN, {"patches": 3, "width": 10, "init_std": 0.01},
                        "two-layer patch CNN with a fixed second layer, F_j(x) = (1/m) sum_r sum_p ReLU(<w_jr, x_p>), "
                        "after Cao, Chen, Belkin & Gu, NeurIPS 2022 and Lu et al., ICLR 2024"),
-    "score_unet": Entry(ScoreUNet, {"width": 16},
+    "score_unet": Entry(ScoreUNet, {"width": 16, "zero_output": False},
                         "two-level shrink of the Noise2Noise U-Net (Lehtinen et al., ICML 2018) used by "
                         "cubeyoung/Noise2Score models/networks.py"),
     "denoiser_bank": Entry(lambda in_channels, out_channels, sigma_max, width, depth: DenoiserBank(
@@ -314,6 +332,15 @@ DATA_METHODS = Registry("data method", {
     "distractors": Entry(harness_data.distractors, {"count": 1},
                          "task-irrelevant content, after Lee et al., Dataset Condensation with Contrastive Signals, "
                          "ICML 2022, Sec. 3 (random digits beside the labelled one)"),
+    "shared_texture": Entry(shared_texture, {"count": 1, "textures": 4},
+                            "content common to all classes (background textures beside every image, independent of "
+                            "the label), the premise of Lee et al., ICML 2022, Sec. 3"),
+    "downsample": Entry(downsample, {"factor": 2},
+                        "every factor-th pixel, huawei-noah/Federated-Learning HessianAlignment/cmnist/cmnist_HGP.py "
+                        "(MNIST 28 x 28 -> 14 x 14)"),
+    "validation_split": Entry(validation_split, {"fraction": 0.1},
+                              "a stratified 9 : 1 split of the training set, the held-out part replacing the test set "
+                              "(for choosing hyperparameters)"),
     "symmetric_noise": Entry(harness_data.symmetric_noise, {"percent": 0.4},
                              "ELR's noise model, shengliu66/ELR ELR/data_loader/cifar10.py"),
     "blockmnist": Entry(lambda data, seed, classes: harness_data.blockmnist(data, seed, tuple(classes)),
@@ -367,10 +394,13 @@ ALGORITHMS = Registry("algorithm", {
                                 "2003.07422; the robust-mean GD of Chatterjee & Zielinski, arXiv 2203.10036"),
     "adversarial_l2": Entry(AdversarialL2, {"eps": 2.0, "steps": 5, "step_size": None},
                             "Madry et al., ICLR 2018 (L2 PGD); harshays/inputgradients pgd_adv_fit_model"),
-    "adaptive_batch": Entry(AdaptiveBatchSize, {"test": "norm", "eta": 0.1, "theta": 0.1, "max_batch_size": None,
-                                                "every": 1},
-                            "AdAdaGrad norm / inner-product tests, Lau, Liu & Kolar, arXiv 2402.11215; "
-                            "timlautk/AdAdaGrad tests.py"),
+    "adaptive_batch": Entry(AdaptiveBatchSize, {"test": "norm", "eta": 0.1, "theta": 0.1, "nu": 0.1,
+                                                "max_batch_size": None, "every": 1},
+                            "AdAdaGrad norm / inner-product / augmented inner-product tests, Lau, Liu & Kolar, arXiv "
+                            "2402.11215; timlautk/AdAdaGrad tests.py (eta, theta, nu defaults of main.py)"),
+    "clip_grad_norm": Entry(GradientClipping, {"max_norm": 5.0},
+                            "ERM with the gradient's norm clipped, eladhoffer/bigBatch main_gbn.py "
+                            "(clip_grad_norm(model.parameters(), 5.))"),
     "hgp": Entry(lambda alpha, beta, penalty_weight, anneal_steps: HessianAlignment(
         "hgp", alpha, beta, penalty_weight=penalty_weight, anneal_steps=anneal_steps),
         {"alpha": 1e-4, "beta": 5e-3, "penalty_weight": 1.0, "anneal_steps": 0},
@@ -384,16 +414,18 @@ ALGORITHMS = Registry("algorithm", {
     "noise2score": Entry(Noise2Score, {"sigma_start": 0.05, "sigma_end": 0.001},
                          "Kim & Ye, NeurIPS 2021 (AR-DAE score + Tweedie); cubeyoung/Noise2Score models/networks.py, "
                          "models/Gaussian_model.py (sigma_a 0.05 -> 0.001, linear)"),
-    "mixturegrowth": Entry(lambda member_epochs: Growth("templates", member_epochs), {"member_epochs": 30},
-                           "Pham et al., MixtureGrowth, WACV 2024, arXiv 2311.04251: new blocks = fresh linear "
-                           "combinations of the members' trained templates"),
+    "mixturegrowth": Entry(lambda member_epochs: Growth("orthogonal", member_epochs), {"member_epochs": 30},
+                           "Pham et al., MixtureGrowth, WACV 2024, arXiv 2311.04251; chaudatascience/mixturegrowth "
+                           "models/layers.py growth_update (each new block from one member's template set, "
+                           "coefficients orthogonal to the members', --coefs_growing orthogonal)"),
     "random_growth": Entry(lambda member_epochs: Growth("random", member_epochs), {"member_epochs": 30},
-                           "growth with random new blocks (the random-initialisation growth baseline of Pham et al., "
-                           "WACV 2024)"),
+                           "growth with random new coefficients (uniform in [0, 1), chaudatascience/mixturegrowth "
+                           "--coefs_growing random)"),
     "cga": Entry(ConfidenceGuidedAnnealing, {"freeze_epochs": 15, "boundary_range": 0.005},
                  "confidence-guided annealing, OFQ (Liu et al., ICML 2023, arXiv 2302.02210); nbasyl/OFQ cga.py "
                  "(freeze_outside_boundary_weight_idx, --freeze_for_n_epochs 15, --boundaryRange 0.005): the last "
-                 "freeze_epochs epochs of the budget rather than a separate fine-tuning run"),
+                 "freeze_epochs epochs of the budget, which a card's lr_schedule holds at the cool-down's minimum "
+                 "rate as cga.py's fine-tune runs"),
     "supervised_denoiser": Entry(SupervisedDenoiser, {},
                                  "residual denoiser trained on clean targets (DnCNN-style, Zhang et al., TIP 2017)"),
     "scoredvi": Entry(ScoreDVI, {"components": 3, "lam": 0.5, "noise_rule": True, "alpha0": 1.0, "beta0": 0.005,

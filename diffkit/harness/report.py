@@ -1,6 +1,9 @@
 """Aggregate harness results (one JSON line per run) into markdown: per card, mean +- std over seeds per method
-and metric, and the paired difference of each method to the baseline with a 95 % t-interval over the seeds
-both ran. An interval that contains 0 is reported as "no significant difference"."""
+and metric, and the paired difference of each method to the baseline with a 95 % t-interval over the seeds both
+ran, beside the smallest paired difference those seeds could detect (``detectable_difference``: 95 % confidence,
+80 % power, from the observed spread of the differences). An interval that contains 0 is "no significant difference"
+only where the seeds could have detected the paper's effect (the card's ``paper_effect`` for that metric);
+where the detectable difference is larger than the paper's effect the row says "inconclusive"."""
 
 import json
 import math
@@ -60,6 +63,38 @@ def paired_interval(diffs: list[float], confidence: float = 0.95) -> tuple[float
     return mean, mean - half, mean + half
 
 
+POWER = 0.8
+
+
+def detectable_difference(std: float, n: int, confidence: float = 0.95, power: float = POWER) -> float:
+    """The smallest true mean paired difference that a two-sided paired t-test at level 1 - ``confidence`` finds
+    with probability ``power`` from ``n`` pairs whose differences have sample standard deviation ``std``:
+    delta = lambda std / sqrt(n), lambda the noncentrality at which the noncentral t (n - 1 degrees of freedom)
+    exceeds the critical value +-t_{1 - alpha/2, n-1} with probability ``power``. For large n this tends to
+    (z_{1 - alpha/2} + z_{power}) std / sqrt(n) = 2.80 std / sqrt(n) at 95 % and 80 %."""
+    from scipy.optimize import brentq
+    from scipy.stats import nct, t
+
+    if not (isinstance(n, int) and n >= 2):
+        raise ValueError(f"n must be an int >= 2 (pairs), got {n!r}")
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+    for name, value in (("confidence", confidence), ("power", power)):
+        if not 0 < value < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    df = n - 1
+    critical = t.ppf(0.5 + confidence / 2, df)
+
+    def shortfall(ncp):  # P(|T| > critical | noncentrality ncp) - power; P(T < -c | ncp) = P(T > c | -ncp)
+        lower = nct.sf(critical, df, -ncp)
+        return nct.sf(critical, df, ncp) + (0.0 if math.isnan(lower) else lower) - power
+
+    upper = critical + 10.0
+    while shortfall(upper) < 0:
+        upper *= 2
+    return brentq(shortfall, 0.0, upper, xtol=1e-10) * std / math.sqrt(n)
+
+
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
 
@@ -75,6 +110,8 @@ def card_table(records: list[dict]) -> str:
         by_method[r["method"]][r["seed"]] = r
     methods = sorted(by_method, key=lambda m: (m != baseline, m))
     lines = [f"## {card}", "", f"Paper: {first['paper']}", "", f"Expected: {first['expected']}", ""]
+    # a record's note says how to read it, e.g. that it predates a change of its card and was not rerun
+    lines += [f"**Note:** {note}\n" for note in dict.fromkeys(r["note"] for r in records if r.get("note"))]
     lines += ["| method | seeds | " + " | ".join(metrics) + " | wall s / run |",
               "|---" * (len(metrics) + 3) + "|"]
     for m in methods:
@@ -87,8 +124,12 @@ def card_table(records: list[dict]) -> str:
         label = f"{m} (baseline)" if m == baseline else m
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {wall:.1f} |")
     others = [m for m in methods if m != baseline]
+    effects = first.get("paper_effect") or {}
+    if effects:
+        lines[6:6] = ["Paper's effect: " + ", ".join(f"{k} {_fmt(v)}" for k, v in effects.items()), ""]
     if others and baseline in by_method:
-        lines += ["", f"Paired difference to {baseline} (same seeds), mean [95 % t-interval]:", "",
+        lines += ["", f"Paired difference to {baseline} (same seeds), mean [95 % t-interval] and the smallest "
+                  "difference those seeds could detect (95 % confidence, 80 % power):", "",
                   "| method | " + " | ".join(f"Δ {k}" for k in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
         for m in others:
             seeds = sorted(set(by_method[m]) & set(by_method[baseline]))
@@ -96,7 +137,7 @@ def card_table(records: list[dict]) -> str:
             for k in metrics:
                 diffs = [by_method[m][s]["metrics"][k] - by_method[baseline][s]["metrics"][k] for s in seeds
                          if k in by_method[m][s]["metrics"] and k in by_method[baseline][s]["metrics"]]
-                cells.append(_difference_cell(diffs))
+                cells.append(_difference_cell(diffs, effects.get(k)))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += curve_lines(by_method, methods)
     return "\n".join(lines) + "\n"
@@ -135,14 +176,20 @@ def curve_lines(by_method: dict, methods: list[str]) -> list[str]:
     return ["", "Curves:", ""] + lines if lines else []
 
 
-def _difference_cell(diffs: list[float]) -> str:
+def _difference_cell(diffs: list[float], effect: float | None = None) -> str:
     if len(diffs) < 2:
         return f"{_fmt(diffs[0])} (1 seed, no interval)" if diffs else "–"
     mean, lo, hi = paired_interval(diffs)
     if hi - lo <= 1e-12 * max(1.0, abs(mean)):  # deterministic runs: every seed gave the same difference (to rounding)
         return f"{_fmt(mean)} (identical on every seed)" + (" no difference" if mean == 0 else "")
-    verdict = " **no significant difference**" if lo <= 0 <= hi else ""
-    return f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]{verdict}"
+    detectable = detectable_difference(mean_std(diffs)[1], len(diffs))
+    verdict = ""
+    if lo <= 0 <= hi:
+        if effect is not None and detectable > effect:
+            verdict = f" **inconclusive** (detectable {_fmt(detectable)} > paper's {_fmt(effect)})"
+        else:
+            verdict = " **no significant difference**"
+    return f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}] ±{_fmt(detectable)}{verdict}"
 
 
 def write_report(results: str | Path, out: str | Path) -> str:
@@ -155,8 +202,14 @@ def write_report(results: str | Path, out: str | Path) -> str:
         by_card[r["card"]].append(r)
     header = ["# Harness results", "",
               f"Generated by `diffkit harness report` from `{Path(results).name}`: mean ± std over seeds; paired "
-              "differences to the card's baseline with a 95 % Student-t interval over the seeds both methods ran. "
-              "An interval containing 0 is marked **no significant difference**.", "", ""]
+              "differences to the card's baseline with a 95 % Student-t interval over the seeds both methods ran, "
+              "followed by ±d, the smallest true paired difference those seeds could detect: a two-sided paired "
+              "t-test at 95 % confidence finds a difference d with 80 % power, d = λ s / √n with s the standard "
+              "deviation of the n paired differences and λ the noncentrality at which the noncentral t with n − 1 "
+              "degrees of freedom exceeds the critical value t(0.975, n − 1) in absolute value with probability 0.8 "
+              "(for large n, d → 2.80 s / √n). An interval containing 0 is marked **inconclusive** where d is "
+              "larger than the paper's effect (the card's `paper_effect`, shown under the card), and **no "
+              "significant difference** otherwise.", "", ""]
     text = "\n".join(header) + "\n".join(card_table(by_card[c]) for c in sorted(by_card))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,12 @@ StatsQ quantises a weight row with a scale taken from its statistics, not learne
 (detached), w_c = clamp(W / s, -1, 1 - 1e-6), n = 2^(b-1), integer code k = round(w_c n - 1/2) in {-n .. n-1},
 Q(W) = s (k + 1/2) / n, with the straight-through estimator Q.detach() - W.detach() + W.
 
-``LevelFlips`` counts, per epoch, how many integer weight codes change from one optimiser step to the next (sign or
-level flips), per weight: late in training these changes are the oscillation around rounding boundaries that OFQ's
-confidence-guided annealing freezes (CGA itself is not implemented here).
+``LevelFlips`` counts, per epoch and per weight, how many integer weight codes change from one optimiser step to the
+next (``level_flips``) and how many of those changes reverse the direction of the weight's previous change
+(``oscillations``): Nagel et al.'s oscillation count ("Overcoming Oscillations in Quantization-Aware Training", ICML
+2022), as OFQ's ``TrackOscillation`` (nbasyl/OFQ ``src/quantization/quantizer/lsq.py``) counts it. Late in training
+these reversals are the oscillation around rounding boundaries that OFQ's confidence-guided annealing (``ofq.py``)
+freezes.
 """
 
 import torch
@@ -67,12 +70,17 @@ def statsq_factory(bits: int = 2):
 
 
 class LevelFlips:
-    """Training hook: per epoch, the number of integer-code changes between consecutive optimiser steps divided by
-    the number of quantised weights, over every layer with an ``integer_weight()``; the per-epoch curve goes to
-    ``state.logs["curves"]["level_flips"]`` (x = epoch), the first and last epochs' rates to ``state.logs``."""
+    """Training hook: per epoch, the number of integer-code changes between consecutive optimiser steps and the number
+    of oscillations among them, each divided by the number of quantised weights, over every layer with an
+    ``integer_weight()``. An oscillation is a change whose direction, sign(previous code - code), is opposite to the
+    weight's last change (``TrackOscillation``: ``prev_switch_dir * switch_dir == -1``, the direction remembered only
+    where a weight switched). Per-epoch curves go to ``state.logs["curves"]["level_flips"]`` and
+    ``["oscillations"]`` (x = epoch), the first and last epochs' rates to ``state.logs``."""
 
     def __init__(self):
-        self.previous, self.flips, self.curve = None, 0, []
+        self.previous, self.direction = None, None
+        self.flips = self.oscillations = 0
+        self.curve, self.oscillation_curve = [], []
 
     @torch.no_grad()
     def _codes(self, state) -> list[torch.Tensor]:
@@ -83,11 +91,17 @@ class LevelFlips:
 
     def _count(self, state) -> None:
         codes = self._codes(state)
-        self.flips += sum(int((c != p).sum()) for c, p in zip(codes, self.previous))
+        for i, (code, previous) in enumerate(zip(codes, self.previous)):
+            switch = torch.sign(torch.round(previous - code))
+            switched = switch != 0
+            self.flips += int(switched.sum())
+            self.oscillations += int((self.direction[i] * switch == -1).sum())
+            self.direction[i] = torch.where(switched, switch, self.direction[i])
         self.previous = codes
 
     def on_train_start(self, state) -> None:
         self.previous = self._codes(state)
+        self.direction = [torch.zeros_like(c) for c in self.previous]
 
     def on_step_start(self, state) -> None:
         if state.step > 0:  # the codes after the previous optimiser step
@@ -95,10 +109,15 @@ class LevelFlips:
 
     def on_epoch_end(self, state) -> None:
         self._count(state)  # the epoch's last step
-        self.curve.append([state.epoch + 1, self.flips / sum(c.numel() for c in self.previous)])
-        self.flips = 0
+        total = sum(c.numel() for c in self.previous)
+        self.curve.append([state.epoch + 1, self.flips / total])
+        self.oscillation_curve.append([state.epoch + 1, self.oscillations / total])
+        self.flips = self.oscillations = 0
 
     def on_train_end(self, state) -> None:
         state.logs["level_flips_first_epoch"] = self.curve[0][1]
         state.logs["level_flips_last_epoch"] = self.curve[-1][1]
-        state.logs.setdefault("curves", {})["level_flips"] = self.curve
+        state.logs["oscillations_first_epoch"] = self.oscillation_curve[0][1]
+        state.logs["oscillations_last_epoch"] = self.oscillation_curve[-1][1]
+        curves = state.logs.setdefault("curves", {})
+        curves["level_flips"], curves["oscillations"] = self.curve, self.oscillation_curve

@@ -36,19 +36,23 @@ class Sine(nn.Module):
         return f"omega0={self.omega0}"
 
 
-def siren(in_features: int, out_features: int, hidden: int = 128, layers: int = 3, omega0: float = 30.0
-          ) -> nn.Sequential:
-    """A SIREN: ``layers`` Linear -> sin(omega0 .) blocks of width ``hidden`` and a linear head, with SIREN's
-    initialisation (``siren_init``)."""
+def siren(in_features: int, out_features: int, hidden: int = 128, layers: int = 3, omega0: float = 30.0,
+          first_omega0: float | None = None) -> nn.Sequential:
+    """A SIREN: ``layers`` Linear -> sin(omega .) blocks of width ``hidden`` and a linear head, with SIREN's
+    initialisation (``siren_init``). The first block's frequency is ``first_omega0`` (default ``omega0``), the
+    others' ``omega0``: SIREN's audio setting is first_omega0 = 3000, omega0 = 30 (Sitzmann et al. 2020, Sec. 4.2;
+    the baseline of hemanthgrylls/SIREN-square ``learn_audios.py``, ``SIREN(first_w0=3000, w0=30)``)."""
     for name, value in (("in_features", in_features), ("out_features", out_features), ("hidden", hidden),
                         ("layers", layers)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not omega0 > 0:
-        raise ValueError(f"omega0 must be > 0, got {omega0!r}")
+    first_omega0 = omega0 if first_omega0 is None else first_omega0
+    for name, value in (("omega0", omega0), ("first_omega0", first_omega0)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be > 0, got {value!r}")
     blocks, width = [], in_features
-    for _ in range(layers):
-        blocks += [nn.Linear(width, hidden), Sine(omega0)]
+    for i in range(layers):
+        blocks += [nn.Linear(width, hidden), Sine(first_omega0 if i == 0 else omega0)]
         width = hidden
     model = nn.Sequential(*blocks, nn.Linear(width, out_features))
     siren_init(model)
@@ -63,13 +67,15 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def siren_omega0(model: nn.Module) -> float:
-    return next(m for m in model.modules() if isinstance(m, Sine)).omega0
+    """The hidden layers' omega0 (the last sine's): what SIREN's and WINNER's scales divide by."""
+    return [m for m in model.modules() if isinstance(m, Sine)][-1].omega0
 
 
 @torch.no_grad()
 def siren_init(model: nn.Module) -> nn.Module:
-    """SIREN's initialisation (Sitzmann et al. 2020, Sec. 3.2): first layer W ~ U(-1/fan_in, 1/fan_in), every later
-    layer W ~ U(-sqrt(6/fan_in)/omega0, sqrt(6/fan_in)/omega0); biases keep PyTorch's default."""
+    """SIREN's initialisation (Sitzmann et al. 2020, Sec. 3.2): first layer W ~ U(-1/fan_in, 1/fan_in) (whatever its
+    frequency), every later layer W ~ U(-sqrt(6/fan_in)/omega0, sqrt(6/fan_in)/omega0) with the hidden omega0;
+    biases keep PyTorch's default."""
     linears, omega0 = _linears(model), siren_omega0(model)
     first = linears[0]
     first.weight.uniform_(-1 / first.in_features, 1 / first.in_features)
@@ -113,7 +119,7 @@ def winner_noise_scales_empirical(centroid: float, in_features: int, channels: i
 @torch.no_grad()
 def winner_init(model: nn.Module, s0: float, s1: float, generator: torch.Generator | None = None) -> nn.Module:
     """WINNER (Chandravamsi et al. 2025, Sec. 3): SIREN's initialisation, then W0 += N(0, 1) s0 / omega0 and
-    W1 += N(0, 1) s1 / omega0 on the first two layers."""
+    W1 += N(0, 1) s1 / omega0 on the first two layers (omega0 the hidden layers' frequency, as ``SIREN_square``)."""
     if not (s0 >= 0 and s1 >= 0):
         raise ValueError(f"noise scales must be >= 0, got s0={s0!r}, s1={s1!r}")
     siren_init(model)

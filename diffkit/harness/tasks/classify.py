@@ -9,6 +9,7 @@ from ..attribution import signal_mass
 from ..binary import BinaryDiagnostics, binary_layers
 from ..loop import HOOK_POINTS, accuracy, gather_rows, train
 from ..registry import ALGORITHMS, LAYERS, LOSSES, MODELS, OPTIMIZERS
+from ..schedules import LRSchedule
 from ..shift import ShiftDiagnostics, ShiftLinear
 from ..statsq import LevelFlips
 from .base import Task, build, build_data, check_data, component_spec
@@ -18,7 +19,8 @@ from .grow import GROWTH_ALGORITHMS
 METRICS = ("test_accuracy", "best_test_accuracy", "train_loss", "signal_mass", "estimating_error",
            "gradient_stability", "noisy_train_fit", "steps_to_target", "examples_to_target", "reached_target",
            "final_batch_size", "zero_weight_fraction", "level_flips_first_epoch", "level_flips_last_epoch",
-           "cga_frozen_fraction", "clean_train_fit")
+           "cga_frozen_fraction", "clean_train_fit", "oscillations_first_epoch", "oscillations_last_epoch",
+           "test_accuracy_at_equal_steps")
 MODEL_LAYER_KEYS = ("norm", "binary", "linear", "reparam")  # model parameters that name a LAYERS entry
 
 
@@ -86,7 +88,10 @@ def fit(config: dict, seed: int, accelerator: Accelerator, progress: bool, extra
     if any(hasattr(algorithm, point) for point in HOOK_POINTS):  # an algorithm with hook methods (CGA) is a hook too
         hooks.append(algorithm)
     if budget["target_accuracy"] is not None:
-        hooks.append(StepsToTarget(data.x_test, data.y_test, budget["target_accuracy"], budget["eval_steps"]))
+        hooks.append(StepsToTarget(data.x_test, data.y_test, budget["target_accuracy"], budget["eval_steps"],
+                                   budget["equal_steps"]))
+    if budget["lr_schedule"] != "constant":
+        hooks.append(LRSchedule(budget["lr_schedule"], budget["epochs"]))
     if extra_hooks is not None:
         hooks += extra_hooks(data)
     state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=budget["epochs"],
@@ -115,4 +120,5 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     return fit(config, seed, accelerator, progress)[0]
 
 
-TASK = Task("classify", METRICS, check, run)
+# equal_steps: with target_accuracy, also the test accuracy after that many steps
+TASK = Task("classify", METRICS, check, run, budget={"equal_steps": None})

@@ -4,7 +4,7 @@ networks trained on it (DC's ``evaluate_synset``)."""
 import torch
 from accelerate import Accelerator
 
-from ..condensation import evaluate_synset
+from ..condensation import dc_augment_params, evaluate_synset
 from ..registry import ALGORITHMS, MODELS
 from .base import Task, build, build_data, check_data_and_model, component_spec
 
@@ -27,6 +27,8 @@ def check(config: dict, where: str) -> None:
     ALGORITHMS.build(name, **params)  # validates ipc, loops and learning rates now
     if not (isinstance(config["budget"]["eval_models"], int) and config["budget"]["eval_models"] >= 1):
         raise ValueError(f"{where}.budget.eval_models must be an int >= 1, got {config['budget']['eval_models']!r}")
+    if not isinstance(config["budget"]["eval_augment"], bool):
+        raise ValueError(f"{where}.budget.eval_augment must be true or false, got {config['budget']['eval_augment']!r}")
 
 
 def condensed_set(config: dict, seed: int, device: torch.device | str = "cpu", progress: bool = False) -> dict:
@@ -61,9 +63,10 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     accuracies = []
     for i in range(budget["eval_models"]):
         torch.manual_seed(90_000 + 100 * seed + i)  # evaluation networks independent of how the set was made
+        augment = dc_augment_params(built["x_syn"].shape[1:]) if budget["eval_augment"] else None
         accuracies.append(evaluate_synset(built["x_syn"], built["y_syn"], built["x_test"], built["y_test"],
                                           built["make_net"], epochs=budget["epochs"],
-                                          generator=torch.Generator().manual_seed(i)))
+                                          generator=torch.Generator().manual_seed(i), augment=augment))
     metrics = {"test_accuracy": sum(accuracies) / len(accuracies),
                "test_accuracy_min": min(accuracies), "test_accuracy_max": max(accuracies)}
     if built["curve"]:
@@ -72,4 +75,6 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     return metrics
 
 
-TASK = Task("condense", METRICS, check, run, optimizer=False, algorithms=CONDENSATION_ALGORITHMS)
+# eval_augment: DC's augmentation (crop / scale / rotate, its MNIST setting) while the evaluation networks train
+TASK = Task("condense", METRICS, check, run, optimizer=False, budget={"eval_augment": False},
+            algorithms=CONDENSATION_ALGORITHMS)

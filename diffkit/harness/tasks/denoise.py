@@ -7,6 +7,7 @@ from ..data import HarnessData
 from ..loop import train
 from ..noise2score import image_psnr
 from ..registry import ALGORITHMS, IMAGE_SETS, LOSSES, MODELS, NOISES, OPTIMIZERS
+from ..schedules import LRSchedule
 from .base import Task, build, component_spec
 
 
@@ -47,9 +48,10 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
     optimizer = build(OPTIMIZERS, config["optimizer"], model.parameters())
     criterion = build(LOSSES, config.get("loss", "mse"), len(clean_train), 0, None)
     algorithm = build(ALGORITHMS, config["algorithm"])
+    hooks = [LRSchedule(budget["lr_schedule"], budget["epochs"])] if budget["lr_schedule"] != "constant" else []
     state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=budget["epochs"],
-                  batch_size=budget["batch_size"], seed=seed, algorithm=algorithm, accelerator=accelerator,
-                  progress=progress)
+                  batch_size=budget["batch_size"], seed=seed, algorithm=algorithm, hooks=hooks,
+                  accelerator=accelerator, progress=progress)
     device = accelerator.device
     y, x = data.x_test.to(device), data.y_test.to(device)
     estimate = algorithm.estimate(state.unwrapped_model.eval(), y, noise)

@@ -7,6 +7,7 @@ from accelerate import Accelerator
 from ..loop import accuracy, train
 from ..models import mlp
 from ..registry import ALGORITHMS, LOSSES, MODELS, OPTIMIZERS
+from ..schedules import LRSchedule
 from .base import Task, build, build_data, check_data_and_model, component_spec
 
 
@@ -27,6 +28,9 @@ def check(config: dict, where: str) -> None:
     if name != "erm" and not algorithm.member_epochs < epochs:
         raise ValueError(f"{where}.algorithm.member_epochs must be < budget.epochs = {epochs}, got "
                          f"{algorithm.member_epochs!r}")
+    if config["budget"]["lr_schedule"] not in ("constant", "cosine"):
+        raise ValueError(f"{where}.budget.lr_schedule of a grow card must be 'constant' or 'cosine' (a cosine per "
+                         f"training phase), got {config['budget']['lr_schedule']!r}")
 
 
 def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress: bool) -> dict:
@@ -42,8 +46,10 @@ def run(config: dict, card: dict, seed: int, accelerator: Accelerator, progress:
 
     def fit(model, epochs, run_seed):
         optimizer = build(OPTIMIZERS, config["optimizer"], model.parameters())
+        # each phase (member, grown network) restarts the schedule, as the reference resets its scheduler
+        hooks = [LRSchedule(budget["lr_schedule"], epochs)] if budget["lr_schedule"] != "constant" else []
         state = train(model, data, optimizer=optimizer, criterion=criterion, epochs=epochs,
-                      batch_size=budget["batch_size"], seed=run_seed, hooks=(), eval_every=budget["eval_every"],
+                      batch_size=budget["batch_size"], seed=run_seed, hooks=hooks, eval_every=budget["eval_every"],
                       accelerator=accelerator, progress=progress)
         return state.unwrapped_model.eval(), state
 
