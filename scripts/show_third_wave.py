@@ -12,7 +12,6 @@ the observed spread of the differences) and a verdict: "significant" when the in
 """
 
 import argparse
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,28 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffkit.bench import markdown_table  # noqa: E402
-from diffkit.harness.report import mean_std, paired_interval, read_results  # noqa: E402
+from diffkit.harness.report import detectable_difference, mean_std, paired_interval, read_results  # noqa: E402
 from diffkit.images import save_figure_atomic, write_text_atomic  # noqa: E402
-
-try:
-    from diffkit.harness.report import detectable_difference  # noqa: E402
-except ImportError:  # the report's power column (branch harness20) is not merged yet: the same computation here
-    def detectable_difference(std: float, n: int, confidence: float = 0.95, power: float = 0.8) -> float:
-        """Smallest true mean paired difference a two-sided paired t-test at level 1 - confidence detects with
-        probability ``power`` from n pairs with sample std ``std`` (noncentral t)."""
-        from scipy.optimize import brentq
-        from scipy.stats import nct, t
-
-        df, critical = n - 1, t.ppf(0.5 + confidence / 2, n - 1)
-
-        def shortfall(ncp):  # P(|T| > critical) - power; the lower tail underflows to NaN far from 0
-            lower = nct.sf(critical, df, -ncp)
-            return nct.sf(critical, df, ncp) + (0.0 if math.isnan(lower) else lower) - power
-
-        upper = critical + 10.0
-        while shortfall(upper) < 0:
-            upper *= 2
-        return brentq(shortfall, 0.0, upper, xtol=1e-10) * std / math.sqrt(n)
 
 
 CARDS = ("gbnn", "virgo_depth2", "virgo_depth4", "virgo_depth8", "pgnm", "xor_grokking", "coherence_labels",
