@@ -270,15 +270,17 @@ def train_resshift(
 ):
     """Train the x0-predictor of ``denoiser`` on batches ``data(step)`` = (x0, y0), conditioned on [g(y0), y] with the
     frozen ``sr_net`` g; ``weighted`` uses UPSR's w_u, otherwise w_u = 1 (ResShift). AdamW and an EMA of the weights
-    (decay 0.999) as the official config; returns (the EMA model, the losses)."""
-    from tqdm.auto import tqdm
+    (decay 0.999, diffusers' ``EMAModel`` with its warm-up) as the official config; returns (the EMA model, the
+    losses)."""
+    import copy
 
-    from .training import EMA
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
 
     model = denoiser.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = _warmup_constant(optimizer, round(warmup_fraction * steps))
-    ema, losses = EMA(model, ema_decay), []
+    ema, losses = EMAModel(model.parameters(), decay=ema_decay), []
     sr_net.eval().requires_grad_(False)
     for step in tqdm(range(steps), disable=not progress, desc="train x0-predictor"):
         x0, y0 = data(step)
@@ -289,6 +291,8 @@ def train_resshift(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        ema.update(model)
+        ema.step(model.parameters())
         losses.append(loss.item())
-    return ema.model, losses
+    averaged = copy.deepcopy(model).eval().requires_grad_(False)
+    ema.copy_to(averaged.parameters())
+    return averaged, losses
