@@ -17,8 +17,8 @@ against the clean digits: PSNR, SSIM, the digits classifier's accuracy, and seco
 over its size; one torch thread unless ``--threads``; a shared machine makes them indicative). Paired PSNR differences come with a 95% t-interval and the smallest
 difference the test split could detect (80% power, two-sided 5%).
 
-The sweep is sized for a one-thread CPU run of about an hour (``--cache-dir`` keeps every finished run, so an
-interrupted benchmark resumes): RED-Diff lr 0.05 / 0.1 / 0.25 at 100 steps, the official lr 0.1 and lr 0.05 at 1,000;
+The sweep is sized for a one-thread CPU run of about 75 minutes (``--cache-dir`` keeps every finished run, so an
+interrupted benchmark resumes): RED-Diff lr 0.05 / 0.1 / 0.25 at 100 steps, the official lr 0.1 and lr 0.05 / 0.025 at 1,000;
 DPS zeta 0.3 / 1 / 3 at 100 steps and zeta 1 at 250 (the paper runs 1,000 DDPM steps: a budget deviation).
 
 deepinv needs torch 2.14 + torchvision, which cannot live beside diffkit's torch: with ``--peer-python`` its DPS
@@ -90,7 +90,8 @@ def splits(val_per_class: int, test_per_class: int):
 def sweep(quick: bool) -> dict:
     """method -> list of (label, pipeline method, steps, method_kwargs); the first RED-Diff entry is the official run."""
     official = 15 if quick else 1000
-    red = ((0.1, official),) + (((0.25, 15), (0.1, 5)) if quick else ((0.05, official), (0.05, 100), (0.1, 100), (0.25, 100)))
+    more = ((0.25, 15), (0.1, 5)) if quick else ((0.05, official), (0.025, official), (0.05, 100), (0.1, 100), (0.25, 100))
+    red = ((0.1, official),) + more
     dps = ((1.0, 15), (2.0, 15)) if quick else ((0.3, 100), (1.0, 100), (3.0, 100), (1.0, 250))
     return {
         "RED-Diff": [(f"lr {lr}, {n} steps", "red_diff", n, {"lr": lr, "lam": 1.0}) for lr, n in red],
