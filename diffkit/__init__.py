@@ -21,6 +21,8 @@ __all__ = [
     "Guidance",
     "NoiseSchedule",
     "QuantizedModel",
+    "ResShiftScheduler",
+    "SRNet",
     "SOLVERS",
     "SignalMLP",
     "convert",

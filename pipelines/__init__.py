@@ -11,10 +11,11 @@ from .upscale import UpscalePipeline, UpscalePipelineOutput
 
 
 # _class_name in model_index.json -> class, for load_pipeline
-PIPELINES = {"GuidedPipeline": GuidedPipeline, "AdjointDPMPipeline": AdjointDPMPipeline, "InverseProblemPipeline": InverseProblemPipeline,
-             "RedDiffPipeline": RedDiffPipeline,
-             "ForwardModelPipeline": ForwardModelPipeline, "ModalityBlendPipeline": ModalityBlendPipeline}
-PIPELINES["AnagramPipeline"] = AnagramPipeline
-PIPELINES["UpscalePipeline"] = UpscalePipeline
+PIPELINES = {cls.__name__: cls for cls in (GuidedPipeline, AdjointDPMPipeline, InverseProblemPipeline, ForwardModelPipeline,
+                                           ModalityBlendPipeline, AnagramPipeline, UpscalePipeline)}
+PIPELINES["RedDiffPipeline"] = RedDiffPipeline  # the old name of InverseProblemPipeline
 
-__all__ = ["AdjointDPMPipeline", "ForwardModelPipeline", "ForwardModelPipelineOutput", "GuidedPipeline", "GuidedPipelineOutput", "InverseProblemPipeline", "ModalityBlendPipeline", "PIPELINES", "RedDiffPipeline", "load_pipeline"]
+__all__ = ["AdjointDPMPipeline", "AnagramPipeline", "AnagramPipelineOutput", "ForwardModelPipeline",
+           "ForwardModelPipelineOutput", "GuidedPipeline", "GuidedPipelineOutput", "InverseProblemPipeline",
+           "ModalityBlendPipeline", "PIPELINES", "RedDiffPipeline", "UpscalePipeline", "UpscalePipelineOutput",
+           "load_pipeline"]

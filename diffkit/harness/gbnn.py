@@ -76,7 +76,7 @@ def fit_weak_regressor(x: np.ndarray, target: np.ndarray, units: int, alpha: flo
     fits it with L-BFGS (see the module docstring)."""
     from scipy.optimize import minimize
 
-    (n, d), k = x.shape, target.shape[1]
+    d, k = x.shape[1], target.shape[1]
     net = one_hidden_mlp(d, k, units, dtype=torch.float64)
     glorot_uniform_(net[0], generator)
     glorot_uniform_(net[2], generator)
