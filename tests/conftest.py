@@ -25,3 +25,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny class-conditional GuidedPipeline for the CLI tests: 10 classes (0..9) plus the null class, 8x8."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffkit.pipelines import GuidedPipeline
+    from helpers import tiny_unet
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    GuidedPipeline(tiny_unet(num_class_embeds=11), DPMSolverMultistepScheduler(prediction_type="v_prediction")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory):
+    """A saved tiny text-conditional GuidedPipeline (Stable Diffusion components) for the CLI tests."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from diffkit.pipelines import GuidedPipeline
+    from helpers import tiny_text_components
+
+    path = tmp_path_factory.mktemp("model") / "text"
+    GuidedPipeline(scheduler=DPMSolverMultistepScheduler(), **tiny_text_components()).save_pretrained(path)
+    return path

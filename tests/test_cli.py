@@ -11,27 +11,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from diffkit.cli import main
-from diffkit.pipelines import GuidedPipeline
-from helpers import tiny_text_components, tiny_unet
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """10 classes (0..9) plus the null class; 8x8 images."""
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    scheduler = DPMSolverMultistepScheduler(prediction_type="v_prediction")
-    GuidedPipeline(tiny_unet(num_class_embeds=11), scheduler).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "text"
-    GuidedPipeline(scheduler=DPMSolverMultistepScheduler(), **tiny_text_components()).save_pretrained(path)
-    return path
 
 
 def _gen(model_dir, out, *extra):

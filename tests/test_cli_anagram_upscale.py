@@ -6,22 +6,11 @@ import re
 import numpy as np
 import PIL.Image
 import pytest
-from diffusers import DPMSolverMultistepScheduler
 
 from diffkit.cli import main
-from diffkit.pipelines import GuidedPipeline
-from helpers import tiny_unet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    GuidedPipeline(tiny_unet(num_class_embeds=11), DPMSolverMultistepScheduler(prediction_type="v_prediction")
-                   ).save_pretrained(path)
-    return path
 
 
 def _anagram(model_dir, out, *extra):

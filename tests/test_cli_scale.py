@@ -13,35 +13,14 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
-from diffusers import DPMSolverMultistepScheduler
 
 from diffkit.cli import main
 from diffkit.folders import read_manifest, scan_folder
-from diffkit.pipelines import GuidedPipeline
-from helpers import tiny_text_components, tiny_unet
+from test_cli import _gen
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """10 classes (0..9) plus the null class; 8x8 images."""
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    GuidedPipeline(tiny_unet(num_class_embeds=11), DPMSolverMultistepScheduler(prediction_type="v_prediction")).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "text"
-    GuidedPipeline(scheduler=DPMSolverMultistepScheduler(), **tiny_text_components()).save_pretrained(path)
-    return path
-
-
-def _gen(model_dir, out, *extra):
-    return main(["generate", "--model", str(model_dir), "--out", str(out), "--steps", "3", "--no-progress", *extra])
 
 
 def _in(folder: Path, monkeypatch) -> Path:
