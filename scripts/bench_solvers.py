@@ -3,7 +3,10 @@
 For each solver at 10, 25 and 50 steps, and DPM-Solver++ and Euler with Karras sigmas, both loops sample the
 same classes from the same noise with CFG (scale 3) and report the Frechet distance (FD, digits-classifier
 features) to the held-out digits, class accuracy and the max-abs difference between the two loops' outputs
-(100 images), and time per image: the best of 5 interleaved repeats on 25 images, since a single run on a
+(100 images) beside the float32 floor: how far diffusers' own output moves when each initial noise value moves by
+one float32 ulp (where that floor is above 1e-4, as for Euler's linspace grid on this cosine-schedule model, no
+float32 implementation can agree with diffusers more closely than rounding lets diffusers agree with itself),
+and time per image: the best of 5 interleaved repeats on 25 images, since a single run on a
 shared CPU varies by +-10%. diffkit walks the step grid ``solver_for`` builds from the same scheduler config.
 Writes the table to assets/bench_solvers.md and a figure to assets/bench_solvers.png.
 
@@ -68,6 +71,12 @@ def diffkit_loop(pipe, solver, steps, noise, labels, sigmas="default"):
     )
 
 
+def nudged(noise: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each value moved by one float32 ulp, up or down at random."""
+    direction = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed)).sign()
+    return torch.nextafter(noise, noise + direction)
+
+
 def timed(fn, *args):
     """The output and the seconds taken, without autograd."""
     start = time.perf_counter()
@@ -109,6 +118,11 @@ def main():
         row = {"solver": solver, "sigmas": sigmas, "steps": steps}
         diff = None if failed else (results["diffkit"] - results["diffusers"]).abs().max().item()
         row["max |diffkit - diffusers|"] = "; ".join(failed.values()) if failed else f"{diff:.1e}"
+        if "diffusers" in results:
+            floor = timed(diffusers_loop, pipe, solver, steps, nudged(noise, args.seed + 1), labels, sigmas)[0]
+            row["float32 floor"] = f"{(floor - results['diffusers']).abs().max().item():.1e}"
+        else:
+            row["float32 floor"] = None
         best = {name: float("inf") for name in loops}
         n_time = min(25, n_images)
         for r in range(repeats):  # interleaved, alternating which loop goes first
@@ -132,12 +146,13 @@ def main():
 
 def format_table(rows, n_images) -> str:
     cols = ["solver", "sigmas", "steps", "diffusers ms/img", "diffkit ms/img", "slowdown", "diffusers FD", "diffkit FD",
-            "diffusers acc", "diffkit acc", "max |diffkit - diffusers|"]
+            "diffusers acc", "diffkit acc", "max |diffkit - diffusers|", "float32 floor"]
     fmt = {"slowdown": "{:+.1%}", "diffusers acc": "{:.1%}", "diffkit acc": "{:.1%}"}
     note = (
         f"Default model, CFG scale {GUIDANCE_SCALE}, {n_images} images per cell for FD / accuracy, time = best of "
         f"interleaved repeats on 25 images, torch threads {torch.get_num_threads()}; FD to 500 held-out digits on "
-        "digits-classifier features."
+        "digits-classifier features. float32 floor: max |diffusers(noise nudged by one ulp) - diffusers(noise)|, how "
+        "much rounding alone moves diffusers' own output on this cell."
     )
     def cell(value, column):
         return "-" if value is None else fmt.get(column, "{:.2f}" if isinstance(value, float) else "{}").format(value)

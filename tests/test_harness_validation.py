@@ -92,3 +92,12 @@ def test_tune_command_prints_the_grid_and_the_best_setting(tmp_path, capsys):
     assert [r.split(" | ")[0] for r in rows] == ["| 0.05", "| 0.2"]
     best = max(rows, key=lambda r: float(r.split(" | ")[1].strip(" |")))
     assert out[-1].startswith('best: {"optimizer.lr": ' + best.split(" | ")[0].strip("| "))
+
+
+def test_tune_command_takes_a_shipped_card_by_name(capsys):
+    from diffkit.harness.tune import main
+
+    main(["diffgrad_1d", "--method", "adam", "--grid", "optimizer.lr=0.1", "--seeds", "0"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("diffgrad_1d / adam: validation")
+    assert out[-1].startswith('best: {"optimizer.lr": 0.1}')

@@ -5,6 +5,7 @@ method of a card over every combination of the grid on a 9:1 validation split of
 import argparse
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -19,10 +20,11 @@ def _parse_value(text: str):
 
 
 def main(argv=None) -> None:
+    from ..assets import shipped_card
     from .cards import load_card
 
     parser = argparse.ArgumentParser(description="tune one method of a harness card on a validation split")
-    parser.add_argument("card")
+    parser.add_argument("card", help="a card file, or the name of a shipped card")
     parser.add_argument("--method", required=True)
     parser.add_argument("--grid", action="append", required=True,
                         help="dotted.path=v1,v2,... (JSON values), repeatable; every combination is run")
@@ -36,7 +38,8 @@ def main(argv=None) -> None:
     for item in args.grid:
         path, _, values = item.partition("=")
         grid[path] = [_parse_value(v) for v in values.split(",")]
-    card = load_card(args.card)
+    path = Path(args.card)
+    card = load_card(path if path.is_file() else shipped_card(args.card) or path)
     metric = args.metric or card["metric"]
     print(f"{card['name']} / {args.method}: validation {metric}, mean over seeds {args.seeds}")
     print(f"| {' | '.join(grid)} | validation {metric} |")
