@@ -140,6 +140,12 @@ CASES = {
                              "--blend-steps"),
     "missing control": (["complete", "digit.png", "--mask-half", "top", "--control", "edges=none.png", "--out", "c.png"],
                         "--control edges"),
+    "cond_tau above 1": (["complete", "digit.png", "--mask-half", "top", "--cond-tau", "1.5", "--out", "c.png"],
+                         "--cond-tau"),
+    "step cap without the official rule": (["complete", "digit.png", "--mask-half", "top", "--blend-step-cap", "10",
+                                            "--out", "c.png"], "--blend-step-cap"),
+    "step cap zero": (["complete", "digit.png", "--mask-half", "top", "--blend-step-rule", "official",
+                       "--blend-step-cap", "0", "--out", "c.png"], "--blend-step-cap"),
     # quantize: never delete what diffkit did not write
     "quantize into the current folder": (QUANT + ["--out", ".", "--overwrite"], "current folder"),
     "quantize over a parent": (QUANT + ["--out", "..", "--overwrite"], "current folder"),

@@ -341,6 +341,32 @@ def test_cli_complete_keeps_the_known_half_and_refuses_to_overwrite(pipe, digits
     assert len(err) == 2 and "exists" in err[0] and "MODALITY=VALUE" in err[1]
 
 
+def test_cli_complete_passes_the_step_rule_and_cond_tau_to_the_pipeline(pipe, digits, tmp_path, monkeypatch):
+    from diffkit.blend import OfficialStep
+    from diffkit.cli import main
+    from diffkit.images import to_pil
+    from diffkit.pipelines import ModalityBlendPipeline
+
+    images, _ = digits
+    pipe.adapters["edges"].save_pretrained(tmp_path / "adapters" / "edges")
+    to_pil(images[:1])[0].save(tmp_path / "digit.png")
+    seen = {}
+    real_call = ModalityBlendPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModalityBlendPipeline, "__call__", spy)
+    args = [str(tmp_path / "digit.png"), "--mask-half", "bottom", "--control-from-image", "edges", "--adapters",
+            str(tmp_path / "adapters"), "--steps", "4", "--blend-steps", "2", "--blend-step-rule", "official",
+            "--blend-step-cap", "10", "--cond-tau", "0.5", "--out", str(tmp_path / "out.png")]
+    assert main(["complete", *args]) == 0
+    assert seen["blend_step_rule"] == OfficialStep(max_step_size=10.0) and seen["blend_cond_tau"] == 0.5
+    with PIL.Image.open(tmp_path / "out.png") as out:
+        assert "Step rule: official, cond_tau: 0.5" in out.text["parameters"]
+
+
 # -- latent text UNets: SD 1.x / 2.x (MaGIC's own setting) and SDXL -------------------------------------------
 
 

@@ -25,6 +25,15 @@ def add_parser(sub) -> None:
     com.add_argument("--blend", choices=["cmb", "sum"], default="cmb", help="consistent modality blending or summed features")
     com.add_argument("--blend-steps", type=common.non_negative_int, default=None, help="P (default 60%% of the steps)")
     com.add_argument("--blend-iterations", type=common.positive_int, default=5, help="Q")
+    com.add_argument("--blend-step-rule", choices=["line_search", "official"], default="line_search",
+                     help="the step on the latent: a backtracking line search on the blending loss (default) or MaGIC's "
+                          "sigma_t^2 / alpha_t^2")
+    com.add_argument("--blend-step-cap", type=common.positive_float, default=None, metavar="ETA",
+                     help="with --blend-step-rule official: cap its step size (the default model's cosine schedule needs "
+                          "about 10; uncapped as MaGIC's code otherwise)")
+    com.add_argument("--cond-tau", type=common.unit_float, default=1.0,
+                     help="the modalities condition the first cond_tau of the steps only (MaGIC's cond_tau; default 1, "
+                          "every step, as its released code runs)")
     com.add_argument("--steps", type=common.positive_int, default=50)
     com.add_argument("--solver", choices=sorted(SOLVERS), default="ddim")
     com.add_argument("--label", type=common.non_negative_int, default=None, help="condition on a class (default: unconditional)")
@@ -37,9 +46,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from ..blend import MODALITIES, extract
+    from ..blend import MODALITIES, OfficialStep, extract
     from ..pipelines import ModalityBlendPipeline
 
+    if args.blend_step_cap is not None and args.blend_step_rule != "official":
+        raise UsageError("--blend-step-cap applies to --blend-step-rule official only")
     out = check_output_file(args.out, args.overwrite)
     strengths = common.float_pairs(args.strength, "--strength")
     image = common.read_image(args.image)
@@ -60,16 +71,19 @@ def run(args) -> None:
         region = {"top": (slice(None, h), slice(None)), "bottom": (slice(h, None), slice(None)),
                   "left": (slice(None), slice(None, w)), "right": (slice(None), slice(w, None))}[args.mask_half]
         mask[(..., *region)] = 1
+    step_rule = OfficialStep(max_step_size=args.blend_step_cap) if args.blend_step_rule == "official" else "line_search"
     pipe = ModalityBlendPipeline.from_pipe(common.load_model(args.model))
     pipe.set_progress_bar_config(desc=f"complete ({args.blend})")
     if controls:
         pipe.load_adapters(args.adapters, names=sorted(controls))
     completed = pipe(
         image, mask, control_images=controls, adapter_conditioning_scale=strengths or 1.0, blend=args.blend,
-        blend_steps=args.blend_steps, blend_iterations=args.blend_iterations, num_inference_steps=args.steps,
+        blend_steps=args.blend_steps, blend_iterations=args.blend_iterations, blend_step_rule=step_rule,
+        blend_cond_tau=args.cond_tau, num_inference_steps=args.steps,
         solver=args.solver, class_labels=args.label, generator=torch.Generator().manual_seed(args.seed), output_type="pil",
     ).images[0]
     parameters = (f"Blend: {args.blend}, Modalities: {','.join(sorted(controls)) or 'none'}, Steps: {args.steps}, "
+                  f"Step rule: {args.blend_step_rule}, cond_tau: {args.cond_tau}, "
                   f"Sampler: {args.solver}, Seed: {args.seed}")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png_atomic(completed, out, common.png_record(args, parameters))
