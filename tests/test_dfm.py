@@ -162,6 +162,34 @@ def test_training_lowers_the_loss():
     assert sum(losses[-50:]) / 50 < 0.8 * sum(losses[:50]) / 50
 
 
+def test_every_view_of_a_group_serves_as_context_and_as_target(monkeypatch):
+    """The official loaders pick a scene's context and target frames at random for every item; a fixed order (the
+    first stored view always the context) lets a generator memorise each group's one context and over-fit."""
+    import diffkit.dfm.training as training
+
+    seen = []
+    real_loss = training.dfm_loss
+
+    def spy(model, forward_model, schedule, observations, views, **kwargs):
+        seen.append((views.clone(), observations.clone()))
+        return real_loss(model, forward_model, schedule, observations, views, **kwargs)
+
+    monkeypatch.setattr(training, "dfm_loss", spy)
+    forward_model = WindowView(16, 6)
+    schedule, _ = schedule_and_config()
+    g = torch.Generator().manual_seed(0)
+    observations, views = observe(forward_model, GaussianProcessSignals(16, 3.0).sample(1, g)[0], 4, g)
+    train_dfm(SignalMLP(1, 16, 16, 2), forward_model, schedule, observations, views, steps=40, batch_size=2,
+              ema_decay=None, progress=False)
+    stored = views[0].tolist()
+    first = {v[0].tolist() for batch, _ in seen for v in batch}
+    assert first == set(stored)  # each stored view was the context at some step
+    for batch, obs in seen:  # and each observation still travels with its own view
+        for group_views, group_obs in zip(batch, obs):
+            for k, view in enumerate(group_views.tolist()):
+                assert torch.equal(group_obs[k], observations[0, stored.index(view)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bump", [0.0, 2.0])
 def test_trained_dfm_samples_the_gp_posterior(bump):

@@ -1,8 +1,9 @@
 """Training a generator from observations alone (Tewari et al., NeurIPS 2023, Sec. 3 and the official p_losses).
 
 The data are groups of observations of the same unseen signal, (B, V, *observation_shape), with their views.
-Per step: the first ``n`` views of each group are the context, the next one is the target; only the target
-observation is noised; the generator predicts the signal from the context, the noisy target, their views
+Per step each group's views are drawn in a fresh random order (the official data loaders pick the context and
+target frames of a scene at random on every item): the first ``n`` are the context, the next one is the target;
+only the target observation is noised; the generator predicts the signal from the context, the noisy target, their views
 and the noise level; the loss compares the signal rendered at the target view and at every remaining
 (clean) view with those observations. The signal itself never enters the loss.
 """
@@ -41,6 +42,16 @@ def generator_inputs(forward_model, context, noisy_target: torch.Tensor, target_
 def lift_context(forward_model, observations: torch.Tensor, views: torch.Tensor):
     """Merge the context views (B, n, ...) into one lifted canvas and mask."""
     return merge_lifted([forward_model.lift(observations[:, k], views[:, k]) for k in range(observations.shape[1])])
+
+
+def shuffle_views(observations: torch.Tensor, views: torch.Tensor, generator: torch.Generator | None = None):
+    """Each group's (observation, view) pairs in a random order of its own."""
+    order = torch.argsort(torch.rand(views.shape[:2], generator=generator), dim=1)
+
+    def take(x):
+        return torch.take_along_dim(x, order.view(*order.shape, *[1] * (x.ndim - 2)).to(x.device), dim=1)
+
+    return take(observations), take(views)
 
 
 def dfm_loss(
@@ -103,8 +114,9 @@ def train_dfm(
     accelerator: Accelerator | None = None,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, list[float]]:
-    """Adam on ``dfm_loss`` with 1..``max_context`` context views per step; returns (the EMA model or the
-    trained one, the loss per step). Runs under accelerate: each process draws its own batches."""
+    """Adam on ``dfm_loss`` with 1..``max_context`` context views per step, each group's views in a fresh random
+    order (so every view serves as context and as target); returns (the EMA model or the trained one, the loss per
+    step). Runs under accelerate: each process draws its own batches."""
     if observations.shape[:2] != views.shape[:2]:
         raise ValueError(f"observations {tuple(observations.shape)} and views {tuple(views.shape)} disagree on (B, V)")
     if not torch.isfinite(observations).all():
@@ -119,8 +131,9 @@ def train_dfm(
     for _ in tqdm(range(steps), desc=f"training ({mode})", disable=not progress or not accelerator.is_local_main_process):
         index = torch.randint(0, len(observations), (batch_size,), generator=rng)
         num_context = int(torch.randint(1, max_context + 1, (), generator=rng))
+        batch_observations, batch_views = shuffle_views(observations[index], views[index], rng)
         loss = dfm_loss(
-            model, forward_model, schedule, observations[index].to(accelerator.device), views[index],
+            model, forward_model, schedule, batch_observations.to(accelerator.device), batch_views,
             num_context=num_context, p_uncond=p_uncond, mode=mode, generator=rng,
         )
         optimizer.zero_grad(set_to_none=True)
