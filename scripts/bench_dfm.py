@@ -3,7 +3,8 @@ learnt from crops only.
 
 GP world (research note Sec. 3.5): signals of 32 points (RBF, length scale 4; "bimodal" adds +-2 x a bump on
 the last 10 points with a fair random sign), seen through windows of 12; 20,000 signals x 5 windows as the
-only data. Three SignalMLP generators trained the same way: DFM, the deterministic regressor (same multi-view
+only data, each step drawing which of a signal's windows are context and target at random (as the official loaders
+pick frames). Three SignalMLP generators trained the same way: DFM, the deterministic regressor (same multi-view
 loss, no noisy target) and diffusion on observations (loss on the target view only). Given a window at the
 start, 500 samples per context for 8 contexts, against the closed-form posterior: coverage (coordinates a
 method produces), mean RMSE / prior std, per-coordinate std ratio off the context window (sample / exact,
@@ -16,7 +17,7 @@ accuracy, FD against the held-out digits, seconds per image; against the regress
 model (trained on full images) completing the same crop by DPS. Writes assets/bench_dfm.md and .png.
 
     python scripts/bench_dfm.py                  # both halves, about an hour on 2 cores
-    python scripts/bench_dfm.py --part gp        # one half: assets/bench_dfm_gp.md
+    python scripts/bench_dfm.py --part gp        # one half: assets/bench_dfm_gp.md (about 40 minutes on one thread)
     python scripts/bench_dfm.py --part images    # the other: assets/bench_dfm_images.md and .png
     python scripts/bench_dfm.py --quick          # about a minute
 """
