@@ -6,15 +6,18 @@ features) to the held-out digits, class accuracy and the max-abs difference betw
 (100 images) beside the float32 floor: how far diffusers' own output moves when each initial noise value moves by
 one float32 ulp (where that floor is above 1e-4, as for Euler's linspace grid on this cosine-schedule model, no
 float32 implementation can agree with diffusers more closely than rounding lets diffusers agree with itself),
-and time per image: the best of 5 interleaved repeats on 25 images, since a single run on a
+and each loop's distance to diffkit's loop run in float64 (the exact arithmetic of the same grid), and time per
+image: the best of 5 interleaved repeats on 25 images, since a single run on a
 shared CPU varies by +-10%. diffkit walks the step grid ``solver_for`` builds from the same scheduler config.
 Writes the table to assets/bench_solvers.md and a figure to assets/bench_solvers.png.
 
     python scripts/bench_solvers.py            # 100 images per cell, ~15 minutes on 2 CPU cores
     python scripts/bench_solvers.py --quick    # the four solvers at 10 steps, default sigmas: ~1 minute
+    python scripts/bench_solvers.py --solvers euler   # a subset: assets/bench_solvers_euler.md
 """
 
 import argparse
+import copy
 import time
 
 import torch
@@ -93,14 +96,19 @@ def main():
     parser.add_argument("--model", default=None, help="pipeline folder or Hub id (default: the embedded model)")
     parser.add_argument("--out", default="assets", help="folder for bench_solvers.md / .png")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--solvers", nargs="+", choices=sorted(SOLVERS), default=None,
+                        help="run these solvers only (the table is written as bench_solvers_<names>.md)")
     args = parser.parse_args()
     n_images, step_counts, repeats = (20, [10], 2) if args.quick else (args.images, [10, 25, 50], args.repeats)
-    cells = [(solver, "default", steps) for solver in SOLVERS for steps in step_counts]
+    solvers = args.solvers or list(SOLVERS)
+    cells = [(solver, "default", steps) for solver in solvers for steps in step_counts]
     if not args.quick:
-        cells += [(solver, "karras", steps) for solver in ("dpmpp_2m", "euler") for steps in step_counts]
+        cells += [(solver, "karras", steps) for solver in ("dpmpp_2m", "euler") if solver in solvers for steps in step_counts]
 
     pipe = diffkit.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    pipe64 = copy.copy(pipe)  # the same weights in float64, for the exact-arithmetic reference
+    pipe64.unet = copy.deepcopy(pipe.unet).double()
     real_feats = metrics.classifier_features(colored_digits("test", seed=1)[0])
     labels = torch.arange(n_images) % pipe.num_classes
     noise = torch.randn(n_images, 3, 16, 16, generator=torch.Generator().manual_seed(args.seed))
@@ -123,6 +131,10 @@ def main():
             row["float32 floor"] = f"{(floor - results['diffusers']).abs().max().item():.1e}"
         else:
             row["float32 floor"] = None
+        exact = timed(diffkit_loop, pipe64, solver, steps, noise.double(), labels, sigmas)[0].float()
+        for name in ("diffusers", "diffkit"):
+            gap = (results[name] - exact).abs().max().item() if name in results else None
+            row[f"{name} vs float64"] = None if gap is None else f"{gap:.1e}"
         best = {name: float("inf") for name in loops}
         n_time = min(25, n_images)
         for r in range(repeats):  # interleaved, alternating which loop goes first
@@ -141,18 +153,21 @@ def main():
         rows.append(row)
         print(f"{solver} ({sigmas} sigmas) {steps}: done", flush=True)
 
-    write_results(args.out, "bench_solvers", args.quick, format_table(rows, n_images), figure=plot(rows))
+    name = "bench_solvers" + ("_" + "_".join(args.solvers) if args.solvers else "")
+    write_results(args.out, name, args.quick, format_table(rows, n_images), figure=plot(rows))
 
 
 def format_table(rows, n_images) -> str:
     cols = ["solver", "sigmas", "steps", "diffusers ms/img", "diffkit ms/img", "slowdown", "diffusers FD", "diffkit FD",
-            "diffusers acc", "diffkit acc", "max |diffkit - diffusers|", "float32 floor"]
+            "diffusers acc", "diffkit acc", "max |diffkit - diffusers|", "float32 floor", "diffusers vs float64",
+            "diffkit vs float64"]
     fmt = {"slowdown": "{:+.1%}", "diffusers acc": "{:.1%}", "diffkit acc": "{:.1%}"}
     note = (
         f"Default model, CFG scale {GUIDANCE_SCALE}, {n_images} images per cell for FD / accuracy, time = best of "
         f"interleaved repeats on 25 images, torch threads {torch.get_num_threads()}; FD to 500 held-out digits on "
         "digits-classifier features. float32 floor: max |diffusers(noise nudged by one ulp) - diffusers(noise)|, how "
-        "much rounding alone moves diffusers' own output on this cell."
+        "much rounding alone moves diffusers' own output on this cell; vs float64: max distance to diffkit's loop run "
+        "in float64 (the same grid in exact arithmetic)."
     )
     def cell(value, column):
         return "-" if value is None else fmt.get(column, "{:.2f}" if isinstance(value, float) else "{}").format(value)
