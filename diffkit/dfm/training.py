@@ -3,8 +3,8 @@
 The data are groups of observations of the same unseen signal, (B, V, *observation_shape), with their views.
 Per step each group's views are drawn in a fresh random order (the official data loaders pick the context and
 target frames of a scene at random on every item): the first ``n`` are the context, the next one is the target;
-only the target observation is noised; the generator predicts the signal from the context, the noisy target, their views
-and the noise level; the loss compares the signal rendered at the target view and at every remaining
+only the target observation is noised; the generator predicts the signal from the context, the noisy target,
+their views and the noise level; the loss compares the signal rendered at the target view and at every remaining
 (clean) view with those observations. The signal itself never enters the loss.
 """
 
