@@ -273,6 +273,10 @@ _GRID_DEFAULTS = {
     "lambda_min_clipped": -math.inf, "sigma_min": None, "sigma_max": None,
 }
 
+# step options that clamp the model's x0; DDIMScheduler clips by default (clip_sample=True), which from_config would
+# turn on when a DPM-Solver or Euler config (which has no such key) is run by DDIM
+_X0_CLAMPS = ("clip_sample", "thresholding")
+
 
 @dataclass(frozen=True)
 class _Reproduced:
@@ -406,7 +410,9 @@ def _complete(name: str, config: dict) -> dict:
     cls = _scheduler_classes()[name]
     params = inspect.signature(cls.__init__).parameters
     full = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
-    full.update({k: v for k, v in config.items() if k in params or k in _SCHEDULE})
+    # keys the source took by its own class default give way to this class's default, as from_config does
+    defaulted = set(config.get("_use_default_values", ()))
+    full.update({k: v for k, v in config.items() if (k in params or k in _SCHEDULE) and k not in defaulted})
     return full
 
 
@@ -450,8 +456,11 @@ def solver_for(
 
     ``solver``: run another of diffkit's solvers instead (``SOLVERS``). On a VP model it walks the grid its own
     diffusers counterpart would build from this config (as ``Counterpart.from_config(config)`` in diffusers, class
-    defaults for options the config lacks); a grid option the counterpart cannot express is refused. On a flow
-    model (FlowMatch schedulers, ``use_flow_sigmas``) it walks the scheduler's own flow grid.
+    defaults for options the config lacks), except that it clamps x0 (DDIM's ``clip_sample``, ``thresholding``) only
+    where the config says so: ``DDIMScheduler.from_config`` of a DPM-Solver or Euler config, which has no such key,
+    would clip by DDIM's class default, a clamp the model's own scheduler never applies. A grid option the
+    counterpart cannot express is refused. On a flow model (FlowMatch schedulers, ``use_flow_sigmas``) it walks the
+    scheduler's own flow grid.
 
     ``mu``: the dynamic-shifting exponent (``calculate_shift``), needed with ``use_dynamic_shifting``; a
     FlowMatch scheduler ignores it otherwise, as diffusers does. ``sigmas``: custom flow sigmas for
@@ -482,6 +491,8 @@ def solver_for(
                                  f"sets {key}={config[key]!r}); keep the scheduler's own solver or drop the option")
     spec = _REPRODUCED[target]
     full = _complete(target, config)
+    if target != name:  # a clamp of x0 the model's own scheduler does not apply is not switched on by a class default
+        full.update({key: False for key in _X0_CLAMPS if key in full and key not in config})
     own = spec.solver(full)
     _check(target, spec, full, skip=spec.step_keys if solver not in (None, own) else ())
     if sigmas is not None and target != "FlowMatchEulerDiscreteScheduler":

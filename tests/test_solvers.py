@@ -311,6 +311,30 @@ def test_solver_override_follows_the_counterpart_scheduler():
         solver_for(source, 9, solver="ddim")  # DDIM has no Karras sigmas: refused, not dropped
 
 
+def test_solver_override_clamps_x0_only_where_the_config_says_so():
+    """DDIMScheduler.from_config of a DPM-Solver config clips x0 by DDIM's class default (clip_sample=True), a clamp
+    the model's own scheduler never applies (it cost the default model 10 points of class accuracy at 25 steps);
+    solver="ddim" walks DDIM's grid without it, and keeps a clamp the config asks for. Options the source took by
+    its class default give way to DDIM's defaults, as from_config does (_use_default_values: here DPM-Solver's
+    "linspace" spacing becomes DDIM's "leading"); a config that states them (as a saved file does) keeps them."""
+    source = DPMSolverMultistepScheduler(beta_schedule="linear", prediction_type="v_prediction")
+    model = _nearly_trained(source)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    setup = solver_for(source, 9, solver="ddim")
+    assert setup.solver == "ddim" and setup.options == {}
+    ddim = DDIMScheduler.from_config({**source.config, "clip_sample": False})
+    with torch.no_grad():
+        ref = _scheduler_loop(ddim, model, noise, 9)
+        ours = setup.fn(Denoiser.from_pipeline_components(model, source), noise, setup.grid, **setup.options)
+    assert (ours - ref).abs().max() <= 1e-4
+    assert setup.grid.timesteps[0] == 888  # "leading", as DDIMScheduler.from_config(source.config)
+    stated = {k: v for k, v in source.config.items() if k != "_use_default_values"}
+    assert solver_for(stated, 9, solver="ddim", class_name="DPMSolverMultistepScheduler").grid.timesteps[0] == 999
+    assert solver_for(DDIMScheduler(), 9).options == {"clip_sample": 1.0}  # the scheduler's own: kept
+    clipped = EulerDiscreteScheduler.from_config({**source.config, "clip_sample": True})  # a key the config states
+    assert solver_for(clipped, 9, solver="ddim").options == {"clip_sample": 1.0}
+
+
 @pytest.mark.parametrize(
     "scheduler, match",
     [
