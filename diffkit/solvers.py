@@ -404,14 +404,16 @@ def _read_scheduler(scheduler, class_name):
     raise TypeError(f"scheduler must be a diffusers scheduler or its config (dict), got {type(scheduler).__name__}")
 
 
-def _complete(name: str, config: dict) -> dict:
+def _complete(name: str, config: dict, switched: bool = False) -> dict:
     """The config the scheduler class builds from ``config``, as its ``from_config`` would: the class's defaults,
-    overridden by the keys it accepts, plus the model's schedule keys."""
+    overridden by the keys it accepts, plus the model's schedule keys. ``switched``: ``config`` is another class's,
+    whose keys that took that class's defaults give way to this class's defaults (from_config's
+    ``_use_default_values``). A scheduler's own config is read as it stands: pipelines edit it in place (SD's sets
+    ``steps_offset`` and ``clip_sample``) without updating that list."""
     cls = _scheduler_classes()[name]
     params = inspect.signature(cls.__init__).parameters
     full = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
-    # keys the source took by its own class default give way to this class's default, as from_config does
-    defaulted = set(config.get("_use_default_values", ()))
+    defaulted = set(config.get("_use_default_values", ())) if switched else set()
     full.update({k: v for k, v in config.items() if (k in params or k in _SCHEDULE) and k not in defaulted})
     return full
 
@@ -490,7 +492,7 @@ def solver_for(
                 raise ValueError(f"solver={solver!r} walks {target}'s grid, which has no {key} (the {name} config "
                                  f"sets {key}={config[key]!r}); keep the scheduler's own solver or drop the option")
     spec = _REPRODUCED[target]
-    full = _complete(target, config)
+    full = _complete(target, config, switched=target != name)
     if target != name:  # a clamp of x0 the model's own scheduler does not apply is not switched on by a class default
         full.update({key: False for key in _X0_CLAMPS if key in full and key not in config})
     own = spec.solver(full)
