@@ -1,7 +1,21 @@
 """Splitting work across the processes of ``accelerate launch`` and gathering the results, for jobs whose size
 does not fit in one list: each process computes its contiguous share from the count alone."""
 
+import os
+
 import torch
+
+
+def process_state():
+    """accelerate's ``PartialState`` for this process. On a machine without a GPU, accelerate joins the processes of
+    ``accelerate launch`` only when told it runs on the CPU (``PartialState(cpu=True)``, as ``Accelerator(cpu=True)``
+    does); a bare ``PartialState()`` leaves each process alone, so every one would do all the work."""
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
+        launched and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
 
 
 def process_share(n: int, state) -> range:

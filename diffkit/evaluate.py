@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .classifier import load_classifier
-from .distributed import gather_rows, process_share
+from .distributed import gather_rows, process_share, process_state
 from .folders import ImageSet, read_images, scan_folder, to_model_space, to_uint8
 
 
@@ -217,13 +217,11 @@ def evaluate(
     does not grow with the number of images), class accuracies ``None`` where a set has no labels (a
     ``diffkit generate`` folder has them in its manifest; a reference folder in its class sub-folders).
     """
-    from accelerate import PartialState
-
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not (isinstance(k, int) and k > 0):
         raise ValueError(f"k must be a positive int, got {k!r}")
-    state = PartialState()
+    state = process_state()
     device = state.device if device is None else torch.device(device)  # by default each process its accelerator
     gen, ref = _Batches(generated, "generated"), _Batches(reference, "reference")
     for source in (gen, ref):

@@ -125,6 +125,23 @@ def test_two_processes_write_the_same_files_as_one(model_dir, tmp_path, monkeypa
     assert len(_files(one)) == 5 + 2
 
 
+def test_launched_cpu_processes_share_one_state(tmp_path):
+    """Without a GPU a bare PartialState() leaves each launched process alone (DistributedType.NO, 1 process), so
+    every one did all the work and the files of the test above were written twice, racing; process_state joins them."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate's launcher is not on PATH")
+    script = tmp_path / "state.py"
+    script.write_text("from diffkit.distributed import process_state\n"
+                      "s = process_state()\nprint('process', s.process_index, 'of', s.num_processes, flush=True)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("process")) == [
+        "process 0 of 2", "process 1 of 2"]
+
+
 def test_the_manifest_lists_what_was_written_and_eval_reads_its_labels(model_dir, tmp_path, capsys):
     assert _gen(model_dir, tmp_path, "--label", "3,7", "-n", "4", "--seed", "10", "--no-grid") == 0
     assert not (tmp_path / "grid.png").exists()

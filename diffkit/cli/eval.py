@@ -52,12 +52,12 @@ def _check_json_target(path: str | None, overwrite: bool) -> Path | None:
 
 
 def run(args) -> None:
-    from accelerate import PartialState
+    from ..distributed import process_state
 
     from .. import __version__
     from ..evaluate import evaluate
 
-    state = PartialState()
+    state = process_state()
     target = _check_json_target(args.json, args.overwrite)
     device = common.device(args.device, state)
     result = evaluate(args.generated, args.ref, features=args.features, k=args.k, batch_size=args.batch_size,

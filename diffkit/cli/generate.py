@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import process_share
+from ..distributed import process_share, process_state
 from ..folders import MANIFEST, read_manifest
 from ..guidance import GUIDANCES, make_guidance
 from ..images import image_grid, save_png_atomic
@@ -385,9 +385,7 @@ def _check_outputs(out: Path, jobs, args) -> range | list[int]:
 
 
 def run(args) -> None:
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     _check_args(args)
     device = common.device(args.device, state)
     out = check_output_folder(args.out)

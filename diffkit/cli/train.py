@@ -35,9 +35,9 @@ def run(args) -> None:
     common.quiet_libraries()
     result = train(recipe, out, resume=not args.no_resume, overwrite=args.overwrite, stop_after=args.stop_after,
                    progress=not args.no_progress)
-    from accelerate import PartialState
+    from ..distributed import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         where = f"model in {out / 'model'}" if result.step == recipe["training"]["steps"] else "run it again to go on"
         resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from is not None else ""
         print(f"trained {recipe['name']} to step {result.step} of {recipe['training']['steps']}{resumed}; {where}")
