@@ -494,7 +494,8 @@ def solver_for(
     spec = _REPRODUCED[target]
     full = _complete(target, config, switched=target != name)
     if target != name:  # a clamp of x0 the model's own scheduler does not apply is not switched on by a class default
-        full.update({key: False for key in _X0_CLAMPS if key in full and key not in config})
+        stated = set(config) - set(config.get("_use_default_values", ()))
+        full.update({key: False for key in _X0_CLAMPS if key in full and key not in stated})
     own = spec.solver(full)
     _check(target, spec, full, skip=spec.step_keys if solver not in (None, own) else ())
     if sigmas is not None and target != "FlowMatchEulerDiscreteScheduler":

@@ -333,6 +333,8 @@ def test_solver_override_clamps_x0_only_where_the_config_says_so():
     assert solver_for(DDIMScheduler(), 9).options == {"clip_sample": 1.0}  # the scheduler's own: kept
     clipped = EulerDiscreteScheduler.from_config({**source.config, "clip_sample": True})  # a key the config states
     assert solver_for(clipped, 9, solver="ddim").options == {"clip_sample": 1.0}
+    # Heun's own clip_sample=False, taken by default, does not become DDIM's default True either
+    assert solver_for(HeunDiscreteScheduler(), 9, solver="ddim").options == {}
 
 
 @pytest.mark.parametrize(
