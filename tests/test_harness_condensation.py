@@ -309,6 +309,19 @@ def test_dc_augment_applies_one_of_crop_scale_rotate_per_image():
     assert out.shape == x.shape and not torch.equal(out, x)
 
 
+def test_dc_augment_rotates_wide_images_with_shared_textures():
+    """The distractor cards put textures beside each digit (8 x 32): rotated near 45 degrees its bounding box is
+    narrower than 32, and the centre crop must mean-fill rather than fail (dcc_distractors3_ipc1 crashed so)."""
+    from diffkit.harness.condensation import dc_augment, dc_augment_params
+
+    x = torch.rand(4, 1, 8, 32)
+    rotate = {**dc_augment_params((1, 8, 32)), "strategy": ("rotate",)}
+    for seed in range(5):
+        assert dc_augment(x, rotate, np.random.default_rng(seed)).shape == x.shape
+    flat = torch.full((1, 1, 8, 32), 0.5)  # a constant image rotates into itself: the fill is its mean
+    torch.testing.assert_close(dc_augment(flat, rotate, np.random.default_rng(0)), flat, atol=1e-6, rtol=0)
+
+
 def test_condense_card_with_dc_augmentation_runs():
     card = _card()
     card["budget"]["eval_augment"] = True

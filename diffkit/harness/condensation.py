@@ -253,8 +253,13 @@ def dc_augment(images: torch.Tensor, params: dict, generator: np.random.Generato
         else:
             turned = scipy_rotate(out[i].cpu().numpy(), angle=int(generator.integers(-angle, angle)), axes=(-2, -1),
                                   cval=float(mean.mean()))
-            r, q = (turned.shape[-2] - h) // 2, (turned.shape[-1] - w) // 2
-            out[i] = torch.from_numpy(turned[:, r:r + h, q:q + w]).to(out)
+            # a square image's rotated box always covers it (DC's case); a wide one's can be narrower: mean-fill
+            th, tw = turned.shape[-2:]
+            canvas = np.full((c, max(th, h), max(tw, w)), float(mean.mean()), dtype=turned.dtype)
+            canvas[:, (canvas.shape[1] - th) // 2:(canvas.shape[1] - th) // 2 + th,
+                   (canvas.shape[2] - tw) // 2:(canvas.shape[2] - tw) // 2 + tw] = turned
+            r, q = (canvas.shape[1] - h) // 2, (canvas.shape[2] - w) // 2
+            out[i] = torch.from_numpy(canvas[:, r:r + h, q:q + w]).to(out)
     return out
 
 
