@@ -18,18 +18,16 @@ steps (the official step count). Writes assets/bench_anagram.md and .png.
 """
 
 import argparse
-import math
 import time
 
 import torch
-from scipy.stats import t as student_t
 
 import diffkit
 from diffkit.anagram import AnagramDenoiser, classifier_alignment, stack_views
 from diffkit.classifier import load_classifier
 from diffkit.data import colored_digits
 from diffkit.guidance import CFG
-from diffkit.harness.report import mean_std, paired_interval
+from diffkit.harness.report import detectable_difference, mean_std, paired_interval
 from diffkit.bench import write_results
 from diffkit.images import image_grid, to_pil
 from diffkit.metrics import fd
@@ -79,12 +77,6 @@ def score(x, pairs, views):
         correct.append(p.argmax(1) == labels)
     p1, p2 = probs
     return {"both": (correct[0] & correct[1]).float(), "min_p": torch.minimum(p1, p2), "gap": (p1 - p2).abs()}
-
-
-def power_mde(diffs: list[float]) -> float:
-    """The paired difference a two-sided t-test at 5% detects with 80% power, (t_0.975 + t_0.8) s / sqrt(n)."""
-    n = len(diffs)
-    return (student_t.ppf(0.975, n - 1) + student_t.ppf(0.8, n - 1)) * mean_std(diffs)[1] / math.sqrt(n)
 
 
 def main():
@@ -179,7 +171,7 @@ def main():
             ours = r["scores"][key]  # the official-rho row ran seed 0 only: the first pairs of Geng's samples
             diffs = (ours - results[set_name, "Geng mean"]["scores"][key][: len(ours)]).tolist()
             mean, lo, hi = paired_interval(diffs)
-            cells += [f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{power_mde(diffs):.3f}"]
+            cells += [f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{detectable_difference(mean_std(diffs)[1], len(diffs)):.3f}"]
         lines.append(f"| {set_name} | {method} | " + " | ".join(cells) + " |")
 
     # -- the trivially consistent pair -----------------------------------------------------------------

@@ -28,17 +28,15 @@ bench_blend_images.png (completions).
 """
 
 import argparse
-import math
 import time
 
 import torch
-from scipy.stats import t as student_t
 
 import diffkit
 from diffkit.bench import write_results
 from diffkit.blend import LineSearch, OfficialStep, extract
 from diffkit.data import colored_digits
-from diffkit.harness.report import mean_std, paired_interval
+from diffkit.harness.report import detectable_difference, mean_std, paired_interval
 from diffkit.images import image_grid, to_pil
 from diffkit.metrics import class_accuracy, fd
 from diffkit.pipelines import ModalityBlendPipeline
@@ -73,12 +71,6 @@ def region_psnr(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> tor
     m = mask.expand_as(out)
     mse = ((out - ref) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1)
     return 10 * torch.log10(4 / mse)
-
-
-def detectable(diffs: list[float], power: float = 0.8) -> float:
-    """The smallest mean paired difference a two-sided 5% t-test on these many pairs detects with ``power``."""
-    n = len(diffs)
-    return (student_t.ppf(0.975, n - 1) + student_t.ppf(power, n - 1)) * mean_std(diffs)[1] / math.sqrt(n)
 
 
 def main():
@@ -148,7 +140,7 @@ def main():
         else:
             diffs = (psnr[name] - psnr[BASELINE]).tolist()
             d, lo, hi = paired_interval(diffs)
-            delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] ({detectable(diffs):.2f})"
+            delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] ({detectable_difference(mean_std(diffs)[1], len(diffs)):.2f})"
         removed = share = low = "-"
         if loss is not None:
             r, a, f = loss

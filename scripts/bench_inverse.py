@@ -32,7 +32,6 @@ table quotes the rows measured before (another digit set), marked as such. Write
 
 import argparse
 import json
-import math
 import subprocess
 import tempfile
 import time
@@ -40,12 +39,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from scipy import stats
 
 import diffkit
 from diffkit.assets import DEFAULT_MODEL
 from diffkit.bench import markdown_table, write_results
 from diffkit.data import colored_digits
+from diffkit.harness.report import detectable_difference, mean_std, paired_interval
 from diffkit.images import image_grid, to_pil
 from diffkit.inverse import Blur, Inpainting, SuperResolution
 from diffkit.metrics import class_accuracy, psnr, ssim
@@ -128,12 +127,9 @@ class Runner:
 
 def paired(a: torch.Tensor, b: torch.Tensor) -> str:
     """mean(a - b) [95% t-interval]; the smallest mean difference detectable at 80% power (two-sided 5%)."""
-    d = (a - b).double()
-    n = len(d)
-    se = d.std().item() / math.sqrt(n)
-    t = stats.t.ppf(0.975, n - 1)
-    detectable = (t + stats.t.ppf(0.8, n - 1)) * se
-    return f"{d.mean().item():+.2f} [{d.mean().item() - t * se:+.2f}, {d.mean().item() + t * se:+.2f}] ({detectable:.2f})"
+    diffs = (a - b).double().tolist()
+    mean, lo, hi = paired_interval(diffs)
+    return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}] ({detectable_difference(mean_std(diffs)[1], len(diffs)):.2f})"
 
 
 def run_peer(peer_python: str, ops: dict, x: torch.Tensor, ys: dict, quick: bool) -> tuple[dict, dict]:

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from scipy.stats import t as student_t
 
 from diffkit.data import colored_digits, colorize, gray_digits
-from diffkit.harness.report import mean_std, paired_interval
+from diffkit.harness.report import detectable_difference, mean_std, paired_interval
 from diffkit.bench import write_results
 from diffkit.images import image_grid, to_pil, write_text_atomic
 from diffkit.inverse import dps, make_operator, red_diff
@@ -90,11 +89,6 @@ def pixel_psnr(estimate, truth, mask):
     err = ((estimate - truth).square() * mask).flatten(1).sum(1)
     count = mask.flatten(1).sum(1)
     return torch.where(count > 0, 10 * torch.log10(4 / (err / count.clamp(min=1))), torch.full_like(err, math.nan))
-
-
-def power_mde(diffs: list[float]) -> float:
-    n = len(diffs)
-    return (student_t.ppf(0.975, n - 1) + student_t.ppf(0.8, n - 1)) * mean_std(diffs)[1] / math.sqrt(n)
 
 
 def main():
@@ -235,7 +229,7 @@ def main():
         diffs = torch.cat([scored["UPSR"][s][key] - scored["ResShift"][s][key] for s in cfg["seeds"]])
         diffs = diffs[torch.isfinite(diffs)].tolist()
         mean, lo, hi = paired_interval(diffs)
-        lines.append(f"| {name} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {power_mde(diffs):.3f} |")
+        lines.append(f"| {name} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {detectable_difference(mean_std(diffs)[1], len(diffs)):.3f} |")
     seconds = {arm: sum(trained[s]["seconds"][arm] for s in cfg["seeds"]) / len(cfg["seeds"]) for arm in ("g", *ARMS)}
     lines += ["", "Training minutes per seed: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items())
               + "; reference rows s / image: " + ", ".join(f"{k} {v:.3f}" for k, v in reference_seconds.items()) + "."]

@@ -10,12 +10,10 @@ docs/scoredvi_report.png (per-image PSNR of each method against ScoreDVI's).
 """
 
 import argparse
-import math
 from pathlib import Path
 
-from scipy.stats import t as student_t
 
-from diffkit.harness.report import mean_std, paired_interval, read_results
+from diffkit.harness.report import detectable_difference, mean_std, paired_interval, read_results
 from diffkit.images import save_figure_atomic, write_text_atomic
 
 
@@ -56,7 +54,7 @@ def main():
         diffs = [a - b for s in sorted(set(seeds) & set(base)) for a, b in zip(seeds[s], base[s])]
         d, lo, hi = paired_interval(diffs)
         n = len(diffs)
-        mde = (student_t.ppf(0.975, n - 1) + student_t.ppf(0.8, n - 1)) * mean_std(diffs)[1] / math.sqrt(n)
+        mde = detectable_difference(mean_std(diffs)[1], n)
         lines.append(f"| {method} | {cell} | {n} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {mde:.3f} |")
     table = "\n".join(lines) + "\n"
     print(table)
