@@ -106,12 +106,12 @@ def test_report_interval_matches_a_hand_computation(tmp_path):
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     text = write_report(results, tmp_path / "r.md")
     row = next(line for line in text.splitlines() if line.startswith("| new |") and "[" in line)
-    assert f"{mean:.4g} [{mean - half:.4g}, {mean + half:.4g}]" in row and "no significant" not in row
+    assert f"{mean:.4g} [{mean - half:.4g}, {mean + half:.4g}]" in row and "significant" not in row
     # noisy differences whose interval contains 0 are called so
     noisy = [_record("base", s, v) for s, v in enumerate(base)] + [_record("new", s, v) for s, v in
                                                                    enumerate([0.55, 0.55, 0.75, 0.60])]
     results.write_text("".join(json.dumps(r) + "\n" for r in noisy))
-    assert "no significant difference" in write_report(results, tmp_path / "r.md")
+    assert "not significant** (no paper effect" in write_report(results, tmp_path / "r.md")
     assert (tmp_path / "r.md").read_text().startswith("# Harness results")
 
 

@@ -54,7 +54,7 @@ def test_report_says_inconclusive_when_the_seeds_cannot_detect_the_papers_effect
     diffs = [b - a for a, b in zip(base, new)]
     detectable = detectable_difference(float(np.std(diffs, ddof=1)), 4)
     results = tmp_path / "r.jsonl"
-    for effect, verdict in ((None, "no significant difference"), ({"acc": detectable / 2}, "inconclusive"),
+    for effect, verdict in ((None, "not significant** (no paper effect"), ({"acc": detectable / 2}, "inconclusive"),
                             ({"acc": detectable * 2}, "no significant difference")):
         records = [_record("base", s, v, effect) for s, v in enumerate(base)]
         records += [_record("new", s, v, effect) for s, v in enumerate(new)]
@@ -63,6 +63,7 @@ def test_report_says_inconclusive_when_the_seeds_cannot_detect_the_papers_effect
         row = next(line for line in text.splitlines() if line.startswith("| new |") and "[" in line)
         assert f"±{detectable:.4g}" in row and verdict in row
         assert ("inconclusive" in row) == (verdict == "inconclusive")
+        assert ("no significant difference" in row) == (verdict == "no significant difference")
         if effect:
             assert f"Paper's effect: acc {effect['acc']:.4g}" in text
     assert "80 % power" in text and "noncentral t" in text

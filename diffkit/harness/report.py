@@ -3,7 +3,8 @@ and metric, and the paired difference of each method to the baseline with a 95 %
 ran, beside the smallest paired difference those seeds could detect (``detectable_difference``: 95 % confidence,
 80 % power, from the observed spread of the differences). An interval that contains 0 is "no significant difference"
 only where the seeds could have detected the paper's effect (the card's ``paper_effect`` for that metric);
-where the detectable difference is larger than the paper's effect the row says "inconclusive"."""
+where the detectable difference is larger than the paper's effect the row says "inconclusive", and where the card
+states no effect it says "not significant" with no claim about power (±d is then the only guide)."""
 
 import json
 import math
@@ -185,7 +186,9 @@ def _difference_cell(diffs: list[float], effect: float | None = None) -> str:
     detectable = detectable_difference(mean_std(diffs)[1], len(diffs))
     verdict = ""
     if lo <= 0 <= hi:
-        if effect is not None and detectable > effect:
+        if effect is None:
+            verdict = " **not significant** (no paper effect to judge the power by)"
+        elif detectable > effect:
             verdict = f" **inconclusive** (detectable {_fmt(detectable)} > paper's {_fmt(effect)})"
         else:
             verdict = " **no significant difference**"
@@ -208,8 +211,9 @@ def write_report(results: str | Path, out: str | Path) -> str:
               "deviation of the n paired differences and λ the noncentrality at which the noncentral t with n − 1 "
               "degrees of freedom exceeds the critical value t(0.975, n − 1) in absolute value with probability 0.8 "
               "(for large n, d → 2.80 s / √n). An interval containing 0 is marked **inconclusive** where d is "
-              "larger than the paper's effect (the card's `paper_effect`, shown under the card), and **no "
-              "significant difference** otherwise.", "", ""]
+              "larger than the paper's effect (the card's `paper_effect`, shown under the card), **no "
+              "significant difference** where d is smaller, and **not significant** where the card states no "
+              "effect (nothing is then claimed about power).", "", ""]
     text = "\n".join(header) + "\n".join(card_table(by_card[c]) for c in sorted(by_card))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
