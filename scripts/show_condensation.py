@@ -23,6 +23,36 @@ from diffkit.harness.experiment import condensed_set  # noqa: E402
 from diffkit.images import save_figure_atomic  # noqa: E402
 
 
+def draw(panels: list, seed: int):
+    """panels: [(card name, [(method, images (classes, H, W) in [0, 1]), ...]), ...] -> the figure."""
+    # one block per method: the classes side by side with white lines between them, wrapped onto two lines for
+    # wide images, every block as wide as the figure and as tall as its aspect asks
+    strips = []
+    for name, rows in panels:
+        for method, images in rows:
+            height, width = images.shape[1:]
+            lines = 2 if width >= 2 * height else 1
+            per_line = -(-len(images) // lines)
+            padded = torch.cat([images, torch.ones(lines * per_line - len(images), height, width)])
+            framed = torch.nn.functional.pad(padded, (0, 1, 0, 1), value=1.0)  # a white line right and below
+            block = framed.reshape(lines, per_line, height + 1, width + 1).permute(0, 2, 1, 3)
+            block = block.reshape(lines * (height + 1), per_line * (width + 1))[:-1, :-1]
+            strips.append((name if method == rows[0][0] else None, method, block))
+    heights = [strip.shape[0] / strip.shape[1] for _, _, strip in strips]
+    width = 10.0
+    fig, axes = plt.subplots(len(strips), 1, figsize=(width + 1.2, width * sum(heights) * 1.15 + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (card, method, strip) in zip(axes[:, 0], strips):
+        ax.imshow(strip.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(method, fontsize=8, rotation=0, ha="right", va="center")
+        if card is not None:
+            ax.set_title(card, fontsize=8, loc="left")
+    fig.suptitle(f"condensed sets, first image per class (seed {seed})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cards", nargs="+", help="condense cards (.json / .toml)")
@@ -53,24 +83,7 @@ def main(argv=None) -> int:
             rows.append((method, first[:, 0].clamp(0, 1)))
             print(f"{card['name']} {method}: {time.perf_counter() - start:.1f} s", flush=True)
         panels.append((card["name"], rows))
-    columns = max(len(rows[0][1]) for _, rows in panels)
-    total_rows = sum(len(rows) for _, rows in panels)
-    aspect = max(rows[0][1].shape[2] / rows[0][1].shape[1] for _, rows in panels)
-    fig, axes = plt.subplots(total_rows, columns, figsize=(columns * 0.7 * aspect + 1.2, total_rows * 0.8),
-                             squeeze=False)
-    r = 0
-    for name, rows in panels:
-        for method, images in rows:
-            for c in range(columns):
-                ax = axes[r, c]
-                ax.set_xticks([]), ax.set_yticks([])
-                if c < len(images):
-                    ax.imshow(images[c].numpy(), cmap="gray", vmin=0, vmax=1)
-                if c == 0:
-                    ax.set_ylabel(f"{name}\n{method}" if method == rows[0][0] else method, fontsize=7)
-            r += 1
-    fig.suptitle(f"condensed sets, first image per class (seed {args.seed})", fontsize=9)
-    fig.tight_layout()
+    fig = draw(panels, args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, out)
     print(f"wrote {out}")
