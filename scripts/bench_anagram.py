@@ -171,7 +171,8 @@ def main():
             ours = r["scores"][key]  # the official-rho row ran seed 0 only: the first pairs of Geng's samples
             diffs = (ours - results[set_name, "Geng mean"]["scores"][key][: len(ours)]).tolist()
             mean, lo, hi = paired_interval(diffs)
-            cells += [f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{detectable_difference(mean_std(diffs)[1], len(diffs)):.3f}"]
+            detectable = detectable_difference(mean_std(diffs)[1], len(diffs))
+            cells += [f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{detectable:.3f}"]
         lines.append(f"| {set_name} | {method} | " + " | ".join(cells) + " |")
 
     # -- the trivially consistent pair -----------------------------------------------------------------

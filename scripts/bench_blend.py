@@ -140,7 +140,8 @@ def main():
         else:
             diffs = (psnr[name] - psnr[BASELINE]).tolist()
             d, lo, hi = paired_interval(diffs)
-            delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] ({detectable_difference(mean_std(diffs)[1], len(diffs)):.2f})"
+            detectable = detectable_difference(mean_std(diffs)[1], len(diffs))
+            delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] ({detectable:.2f})"
         removed = share = low = "-"
         if loss is not None:
             r, a, f = loss

@@ -229,7 +229,8 @@ def main():
         diffs = torch.cat([scored["UPSR"][s][key] - scored["ResShift"][s][key] for s in cfg["seeds"]])
         diffs = diffs[torch.isfinite(diffs)].tolist()
         mean, lo, hi = paired_interval(diffs)
-        lines.append(f"| {name} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {detectable_difference(mean_std(diffs)[1], len(diffs)):.3f} |")
+        detectable = detectable_difference(mean_std(diffs)[1], len(diffs))
+        lines.append(f"| {name} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | {detectable:.3f} |")
     seconds = {arm: sum(trained[s]["seconds"][arm] for s in cfg["seeds"]) / len(cfg["seeds"]) for arm in ("g", *ARMS)}
     lines += ["", "Training minutes per seed: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items())
               + "; reference rows s / image: " + ", ".join(f"{k} {v:.3f}" for k, v in reference_seconds.items()) + "."]

@@ -12,7 +12,6 @@ docs/scoredvi_report.png (per-image PSNR of each method against ScoreDVI's).
 import argparse
 from pathlib import Path
 
-
 from diffkit.harness.report import detectable_difference, mean_std, paired_interval, read_results
 from diffkit.images import save_figure_atomic, write_text_atomic
 
