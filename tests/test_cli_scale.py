@@ -131,8 +131,9 @@ def test_launched_cpu_processes_share_one_state(tmp_path):
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate's launcher is not on PATH")
     script = tmp_path / "state.py"
-    script.write_text("from diffkit.distributed import process_state\n"
-                      "s = process_state()\nprint('process', s.process_index, 'of', s.num_processes, flush=True)\n")
+    # one write per line (print writes its pieces separately, and the two processes share the pipe)
+    script.write_text("import sys\nfrom diffkit.distributed import process_state\ns = process_state()\n"
+                      "sys.stdout.write(f'process {s.process_index} of {s.num_processes}\\n')\nsys.stdout.flush()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
                "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
