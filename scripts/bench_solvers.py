@@ -11,7 +11,7 @@ image: the best of 5 interleaved repeats on 25 images, since a single run on a
 shared CPU varies by +-10%. diffkit walks the step grid ``solver_for`` builds from the same scheduler config.
 Writes the table to assets/bench_solvers.md and a figure to assets/bench_solvers.png.
 
-    python scripts/bench_solvers.py            # 100 images per cell, ~15 minutes on 2 CPU cores
+    python scripts/bench_solvers.py            # 100 images per cell: about 1.5 hours on one core (Euler alone took 20 minutes)
     python scripts/bench_solvers.py --quick    # the four solvers at 10 steps, default sigmas: ~1 minute
     python scripts/bench_solvers.py --solvers euler   # a subset: assets/bench_solvers_euler.md
 """
