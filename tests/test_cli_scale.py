@@ -13,6 +13,7 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+import torch
 
 from diffkit.cli import main
 from diffkit.folders import read_manifest, scan_folder
@@ -134,7 +135,9 @@ def test_launched_cpu_processes_share_one_state(tmp_path):
     # one write per line (print writes its pieces separately, and the two processes share the pipe)
     script.write_text("import sys\nfrom diffkit.distributed import process_state\ns = process_state()\n"
                       "sys.stdout.write(f'process {s.process_index} of {s.num_processes}\\n')\nsys.stdout.flush()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    # launched as a user does on a CPU machine, without ACCELERATE_USE_CPU (on a GPU machine the CPU must be asked for)
+    env = {**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT), **({"ACCELERATE_USE_CPU": "1"} if torch.cuda.is_available() else {})}
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
                "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
